@@ -1,0 +1,34 @@
+"""The statistics behind CERTIFY and PREDICT (Cohen et al. 2019), all from SciPy."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import beta, binomtest, norm
+
+
+def lower_confidence_bound(nA, n: int, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from nA successes in n.
+
+    Equals ``proportion_confint(nA, n, alpha=2 * alpha, method="beta")[0]``; 0 when nA == 0.
+    """
+    nA = np.asarray(nA, dtype=np.float64)
+    # beta.ppf is undefined for a = 0; the exact bound there is 0.
+    with np.errstate(invalid="ignore"):
+        bound = beta.ppf(alpha, np.maximum(nA, 1e-300), n - nA + 1)
+    return np.where(nA > 0, bound, 0.0)
+
+
+def radius_from_pA(pA_lower, sigma) -> np.ndarray:
+    """Cohen's l2 radius sigma * Phi^-1(pA_lower); meaningful only where pA_lower >= 1/2."""
+    return np.asarray(sigma, dtype=np.float64) * norm.ppf(np.asarray(pA_lower, dtype=np.float64))
+
+
+def max_certifiable_radius(n: int, alpha: float, sigma: float = 1.0) -> float:
+    """The largest radius n samples can certify: all n votes agree, pA_lower = alpha ** (1 / n)."""
+    return float(sigma * norm.ppf(alpha ** (1.0 / n)))
+
+
+def two_sided_pvalue(nA, nB) -> np.ndarray:
+    """p-value of the two-sided binomial test nA ~ Bin(nA + nB, 1/2), used by PREDICT."""
+    nA = np.atleast_1d(np.asarray(nA, dtype=np.int64))
+    nB = np.atleast_1d(np.asarray(nB, dtype=np.int64))
+    return np.array([binomtest(int(a), int(a + b), 0.5).pvalue if a + b > 0 else 1.0 for a, b in zip(nA, nB)])

@@ -1,0 +1,277 @@
+"""ssmooth-train: train a base classifier under noise, then certify it.
+
+  ssmooth-train                                             # the demo: 8x8 digits, MLP, sigma 0.25
+  ssmooth-train experiment=mnist_gaussian noise.sigma=0.5   # a published recipe
+  ssmooth-train -m noise.sigma=0.25,0.5,1.0 objective=gaussian,macer     # a sweep, one folder per job
+  ssmooth-train stage=finetune pretrained=PATH noise=samplewise          # sample-wise finetuning (stages B-C)
+  ssmooth-train trainer=ddp trainer.devices=4 trainer.num_nodes=2        # several GPUs / nodes
+
+Every setting is checked before training starts; a bad one exits with status 2 and one line naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ssmooth.cli.common import (
+    CONFIG_DIR,
+    ConfigError,
+    certify_config,
+    exit_on_config_error,
+    plain,
+    report_certification,
+    resolve_device,
+)
+
+STAGES = ("pretrain", "finetune")
+NOISE_KINDS = ("constant", "samplewise")
+
+
+def build_model(model_cfg: dict, info):
+    """The network of ``model_cfg`` for dataset ``info``, normalization included as its first layer."""
+    from ssmooth.models import create_model
+
+    options = dict(model_cfg)
+    name = options.pop("name")
+    normalize = options.pop("normalize", True)
+    try:
+        return create_model(name, num_classes=info.num_classes, input_shape=info.input_shape,
+                            mean=info.mean if normalize else None, std=info.std if normalize else None, **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+def build_noise(noise_cfg: dict, num_train: int):
+    from ssmooth.noise import ConstantSigma, SampleWiseSigma, sigma_grid
+
+    kind = noise_cfg.get("kind")
+    if kind not in NOISE_KINDS:
+        raise ConfigError(f"noise.kind={kind!r} must be one of {NOISE_KINDS}")
+    sigma = noise_cfg.get("sigma")
+    if not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise ConfigError(f"noise.sigma={sigma!r} must be > 0")
+    if kind == "constant":
+        unknown = set(noise_cfg) - {"kind", "sigma"}
+        if unknown:
+            raise ConfigError(f"noise: unknown key(s) {sorted(unknown)} for kind=constant")
+        return ConstantSigma(sigma)
+    allowed = {"kind", "sigma", "grid_factors", "update_every", "num_draws", "soft"}
+    unknown = set(noise_cfg) - allowed
+    if unknown:
+        raise ConfigError(f"noise: unknown key(s) {sorted(unknown)}; allowed {sorted(allowed)}")
+    if noise_cfg["update_every"] < 1:
+        raise ConfigError(f"noise.update_every={noise_cfg['update_every']} must be >= 1")
+    if noise_cfg["num_draws"] < 1:
+        raise ConfigError(f"noise.num_draws={noise_cfg['num_draws']} must be >= 1")
+    try:
+        grid = sigma_grid(sigma, noise_cfg["grid_factors"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return SampleWiseSigma(sigma, grid, num_train)
+
+
+def build_objective(objective_cfg: dict, attack_cfg: dict):
+    from hydra.utils import instantiate
+
+    options = dict(objective_cfg)
+    name = options.pop("name", "?")
+    try:
+        if name == "smoothadv":
+            if not attack_cfg:
+                raise ConfigError("objective=smoothadv needs an attack: set attack=pgd or attack=ddn")
+            attack_options = {k: v for k, v in attack_cfg.items() if k != "name"}
+            options["attack"] = instantiate(attack_options)
+        elif attack_cfg:
+            raise ConfigError(f"attack={attack_cfg.get('name')} is only used by objective=smoothadv, not {name}")
+        return instantiate(options)
+    except ConfigError:
+        raise
+    except Exception as err:  # Hydra wraps the constructor's ValueError/TypeError
+        raise ConfigError(f"objective {name}: {_root_cause(err)}") from None
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
+
+
+def build_datamodule(dataset_cfg: dict, seed: int):
+    from ssmooth.data import SmoothingDataModule
+
+    try:
+        return SmoothingDataModule(**dataset_cfg, seed=seed)
+    except TypeError as err:
+        raise ConfigError(f"dataset: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"dataset: {err}") from None
+
+
+def build_loggers(logger_cfg: dict, output_dir: Path):
+    from hydra.utils import instantiate
+
+    loggers = []
+    for name, options in (logger_cfg or {}).items():
+        options = dict(options)
+        if name == "wandb":
+            from ssmooth.lit.wandb import wandb_offline_default
+
+            if options.get("offline") is None:
+                options["offline"] = wandb_offline_default()
+            os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            loggers.append(instantiate(options))
+        except Exception as err:
+            raise ConfigError(f"logger.{name}: {_root_cause(err)}") from None
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, loggers, callbacks):
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                           default_root_dir=str(output_dir))
+    except Exception as err:
+        raise ConfigError(f"trainer: {_root_cause(err)}") from None
+
+
+def checkpoint_meta(cfg: DictConfig, info, noise) -> dict:
+    return {
+        "name": cfg.name,
+        "stage": cfg.stage,
+        "dataset": {"name": info.name, "num_classes": info.num_classes, "input_shape": list(info.input_shape),
+                    **{k: v for k, v in plain(cfg.dataset).items() if k in ("source", "root", "npz_dir")}},
+        "model": plain(cfg.model),
+        "objective": cfg.objective.get("name", ""),
+        "noise": {"kind": noise.kind, "sigma": float(noise.sigma), "grid": list(getattr(noise, "grid", []))},
+        "seed": int(cfg.seed),
+        "config": plain(cfg),
+    }
+
+
+def resolve_resume(ckpt_path, output_dir: Path):
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        # "last" with nothing to resume starts fresh: a re-run sweep job that never saved continues cleanly.
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: no such checkpoint")
+    return ckpt_path
+
+
+def run(cfg: DictConfig) -> dict | None:
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ssmooth.evaluate import certify_model
+    from ssmooth.lit.module import SmoothingModule, load_checkpoint
+
+    output_dir = Path(cfg.output_dir)
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage={cfg.stage!r} must be one of {STAGES}")
+    summary_path = output_dir / "summary.json"
+    if summary_path.is_file():
+        # Re-running a sweep into the same folder skips the jobs that already finished.
+        print(f"{output_dir}: already finished (summary.json exists), skipping")
+        return json.loads(summary_path.read_text())
+
+    # Validate and build everything before any training starts.
+    cert_cfg = certify_config(cfg.certify)
+    datamodule = build_datamodule(plain(cfg.dataset), cfg.seed)
+    info = datamodule.info
+    pretrained = None
+    model_cfg = plain(cfg.model)
+    if cfg.stage == "finetune":
+        if cfg.pretrained is None:
+            raise ConfigError("stage=finetune needs pretrained=PATH (a checkpoint of stage pretrain)")
+        try:
+            pretrained_meta, pretrained_state = load_checkpoint(cfg.pretrained)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"pretrained: {err}") from None
+        if pretrained_meta["dataset"]["name"] != info.name:
+            raise ConfigError(f"pretrained={cfg.pretrained} was trained on {pretrained_meta['dataset']['name']}, "
+                              f"not dataset={info.name}")
+        model_cfg = pretrained_meta["model"]  # the architecture comes from the checkpoint
+        pretrained = pretrained_state
+    model = build_model(model_cfg, info)
+    if pretrained is not None:
+        model.load_state_dict({k[len("model."):]: v for k, v in pretrained.items() if k.startswith("model.")})
+    objective = build_objective(plain(cfg.objective), plain(cfg.attack))
+    from hydra.utils import instantiate
+
+    optimizer = instantiate(cfg.optim.optimizer)
+    scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # a missing dataset fails here, before training
+    # The table is indexed by dataset index, which may exceed the subset's length.
+    noise = build_noise(plain(cfg.noise), int(datamodule.train_set.indices.max()) + 1)
+    meta = checkpoint_meta(cfg, info, noise)
+    meta["model"] = model_cfg
+
+    L.seed_everything(cfg.seed, workers=True)
+    if noise.kind == "samplewise":
+        from ssmooth.lit.finetune import SigmaFinetuneModule
+
+        module = SigmaFinetuneModule(model=model, objective=objective, noise=noise, optimizer=optimizer,
+                                     scheduler=scheduler, num_classes=info.num_classes, meta=meta,
+                                     update_every=cfg.noise.update_every, num_draws=cfg.noise.num_draws,
+                                     soft=cfg.noise.soft)
+    else:
+        module = SmoothingModule(model=model, objective=objective, noise=noise, optimizer=optimizer,
+                                 scheduler=scheduler, num_classes=info.num_classes, meta=meta)
+
+    callbacks = [ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="epoch{epoch:03d}",
+                                 auto_insert_metric_name=False, save_last=True, save_top_k=1)]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = build_loggers(plain(cfg.logger), output_dir)
+    trainer = build_trainer(cfg, output_dir, loggers, callbacks)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.ckpt_path, output_dir))
+        if not trainer.is_global_zero or not cert_cfg.enabled:
+            return None
+        device = resolve_device("auto")
+        points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
+        grid = getattr(noise, "grid", None)
+        summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
+                                base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
+        for logger in loggers:
+            log_summary = getattr(logger, "log_metrics", None)
+            if log_summary:
+                from ssmooth.report import summary_metrics
+
+                log_summary(summary_metrics(summary), step=trainer.global_step)
+        report_certification(summary, output_dir)
+        return summary
+    finally:
+        _finish_wandb(loggers)
+        torch.set_grad_enabled(True)
+
+
+def _finish_wandb(loggers) -> None:
+    # One wandb run per Hydra job: finish it even when the job fails, or the next sweep job logs into it.
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@exit_on_config_error
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
