@@ -19,7 +19,6 @@ from ssmooth.certify.allocation import allocate, verify_allocation
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points
 from ssmooth.certify.stats import max_certifiable_radius
-from ssmooth.selection import select_sigma
 
 POLICIES = ("constant", "samplewise")
 ALLOCATION_RULES = ("fill", "halving", "lp")
@@ -125,6 +124,7 @@ def certify_model(
         if not grid:
             raise ValueError("certify.policy=samplewise needs a grid of levels (noise.grid_factors or certify.grid_factors)")
         grid = sorted(float(s) for s in grid)
+        from ssmooth.selection import select_sigma
 
         def selector(x, generator):
             return select_sigma(model, x, grid, num_samples=cfg.selection_samples, labels=None, generator=generator,

@@ -57,7 +57,7 @@ def noisy_logits(model: nn.Module, x: Tensor, sigma: Tensor, noise: Tensor) -> T
     batch, num_noise = noise.shape[:2]
     scale = sigma.to(x.dtype).view(batch, 1, *[1] * (x.dim() - 1))
     inputs = (x.unsqueeze(1) + scale * noise).flatten(0, 1)
-    return model(inputs).view(batch, num_noise, -1)
+    return model(inputs).reshape(batch, num_noise, -1)
 
 
 def smoothed_log_probs(logits: Tensor) -> Tensor:
@@ -144,7 +144,8 @@ class SmoothAdv:
         if attack is None:
             raise ValueError("SmoothAdv needs an attack (attack=pgd or attack=ddn), got attack=None")
         if not callable(attack):
-            raise ValueError(f"SmoothAdv's attack must be callable as attack(model, x, y, sigma, noise), got {attack!r}")
+            raise ValueError(f"SmoothAdv's attack must be callable as attack(model, x, y, sigma, noise), "
+                             f"got {attack!r}")
         _at_least("num_noise", num_noise, 1)
         _at_least("warmup_epochs", warmup_epochs, 1)
         attack_draws = getattr(attack, "num_noise", num_noise)

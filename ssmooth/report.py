@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ssmooth.certify.results import read_rows
-
 __all__ = [
     "average_certified_radius",
     "certified_accuracy",
@@ -42,7 +40,7 @@ __all__ = [
     "write_report",
 ]
 
-ABSTAIN = -1  # same value as ssmooth.certify.core.ABSTAIN, which imports torch
+ABSTAIN = -1  # same value as ssmooth.certify.ABSTAIN; importing ssmooth.certify would load torch
 UNSOUND_MARK = "(unsound upper bound)"
 UNKNOWN_SOUNDNESS_MARK = "(soundness not recorded)"
 PLOT_NAME = "certified_accuracy.png"
@@ -133,6 +131,13 @@ def standard_radii(dataset: str) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+
+
+def read_rows(path: str | os.PathLike) -> pd.DataFrame:
+    """Rows of a certification TSV, one per dataset index (first kept: a DistributedSampler pads with
+    duplicates), sorted by index. Mirrors ``ssmooth.certify.results.read_rows`` without loading torch."""
+    frame = pd.read_csv(path, sep="\t")
+    return frame.drop_duplicates("idx", keep="first").sort_values("idx").reset_index(drop=True)
 
 
 def _natural_key(text: str):
@@ -317,7 +322,9 @@ def format_table(summaries, radii=None, fmt: str = "markdown") -> str:
 
 
 def print_table(summaries, radii=None, title: str | None = None, console=None) -> None:
-    """The table of ``format_table`` on the terminal with rich; unsound variants in red."""
+    """The table of ``format_table`` on the terminal with rich (unsound variants in red), squeezed for width:
+    radius headers are bare numbers and the sample-wise notes go under the table."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -325,12 +332,22 @@ def print_table(summaries, radii=None, title: str | None = None, console=None) -
         summaries = [summaries]
     radii = _table_radii(summaries, radii)
     header, rows, sound = _table(summaries, radii)
-    table = Table(title=title or "certified accuracy (%) at l2 radius r")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="right" if 2 <= i < len(header) - 1 else "left")
+    header[2:2 + len(radii)] = [f"{r:g}" for r in radii]
+    notes = [f"{row[0]} {row[1]}: {row[-1]}" for row in rows if row[-1]]
+    table = Table(title=title or "certified accuracy (%) at l2 radius r", title_justify="left",
+                  caption="\n".join(notes) or None, caption_justify="left", box=box.SIMPLE_HEAD,
+                  collapse_padding=True, pad_edge=False)
+    for i, column in enumerate(header[:-1]):
+        number = i >= 2
+        longest = max([len(column)] + [len(row[i]) for row in rows])
+        # numbers are never cut (a cropped "0.45" for 0.454 would mislead); names fold instead
+        table.add_column(column, justify="right" if number else "left", no_wrap=number, overflow="fold",
+                         min_width=longest if number else min(longest, 8))
     for row, is_sound in zip(rows, sound):
-        table.add_row(*row, style={False: "red", None: "yellow"}.get(is_sound))
-    (console or Console()).print(table)
+        table.add_row(*row[:-1], style={False: "red", None: "yellow"}.get(is_sound))
+    console = console or Console()
+    # On a narrow terminal rich would drop whole columns; let long lines wrap instead of losing numbers.
+    console.print(table, width=max(console.width, console.measure(table).minimum), crop=False)
 
 
 def envelope(summaries, radii=None) -> tuple[np.ndarray, list[str | None]]:
@@ -429,7 +446,8 @@ def plot_certified_accuracy(summaries, path, envelope: bool = True, title: str |
             curves[name] = tuple(map(np.asarray, zip(*known)))
             if sound:
                 grid_jobs.append(summary)
-        drawn.append((name, sound, rows is not None))
+        label = name if len(variants) == 1 else f"{name} ({variants[0][0]})"
+        drawn.append((name, label if sound else f"{label} {UNSOUND_MARK}", sound, rows is not None))
 
     envelope_xy, envelope_exact = None, not grid_jobs
     if envelope and (exact or grid_jobs):
@@ -447,17 +465,16 @@ def plot_certified_accuracy(summaries, path, envelope: bool = True, title: str |
     x_end = 1.05 * max([0.25] + [float(x[-1]) for x, _ in curves.values()])
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for i, (name, sound, is_exact) in enumerate(drawn):
+    for i, (name, label, sound, is_exact) in enumerate(drawn):
         x, y = curves[name]
-        style = {"color": f"C{i % 10}", "linestyle": "-" if sound else ":", "linewidth": 1.3,
-                 "label": name if sound else f"{name} {UNSOUND_MARK}"}
+        style = {"color": f"C{i % 10}", "linestyle": "-" if sound else ":", "linewidth": 1.3, "label": label}
         if is_exact:  # y[i] holds on (x[i-1], x[i]]; 0 after the largest certified radius
             ax.step(np.append(x, x_end), np.append(y, 0.0), where="pre", **style)
         else:
             ax.plot(x, y, marker="o", markersize=3, **style)
     if envelope_xy is not None:
         x, y = envelope_xy
-        style = {"color": "black", "linestyle": "--", "linewidth": 3}
+        style = {"color": "black", "linestyle": "--", "linewidth": 3, "zorder": 1.5}  # under the job curves
         if envelope_exact:
             ax.step(np.append(x, x_end), np.append(y, 0.0), where="pre", label="envelope (best over jobs)", **style)
         else:
@@ -533,7 +550,8 @@ def write_report(dir: str | os.PathLike, out: str | os.PathLike | None = None, r
     plot_certified_accuracy(summaries, plot_path, envelope=True, title=title)
 
     best, best_name = envelope(summaries, radii)
-    envelope_rows = [[f"{r:g}", _fmt(100 * b, ".1f"), n or ""] for r, b, n in zip(radii, best, best_name)]
+    # A job is named only where it certifies something: at 0 % every job ties.
+    envelope_rows = [[f"{r:g}", _fmt(100 * b, ".1f"), n if b > 0 else ""] for r, b, n in zip(radii, best, best_name)]
     any_unsound = any(_is_sound(v) is False for s in summaries for _, v in _variants(s))
     lines = [
         f"# Certification report: {title}",

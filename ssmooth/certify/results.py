@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ssmooth.report import read_rows  # noqa: F401  (re-exported: the one reader of row files)
+
 ROW_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "time")
 SAMPLEWISE_COLUMNS = ROW_COLUMNS + ("radius_raw",)
 
@@ -70,12 +72,6 @@ def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.6e}"
     return str(value)
-
-
-def read_rows(path: str | os.PathLike) -> pd.DataFrame:
-    """Rows of a certification TSV, one per dataset index (duplicates dropped, first kept), sorted by index."""
-    frame = pd.read_csv(path, sep="\t")
-    return frame.drop_duplicates("idx", keep="first").sort_values("idx").reset_index(drop=True)
 
 
 def merge_rows(paths, out: str | os.PathLike) -> pd.DataFrame:

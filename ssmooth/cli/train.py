@@ -27,7 +27,7 @@ from ssmooth.cli.common import (
     resolve_device,
 )
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "pipeline")
 NOISE_KINDS = ("constant", "samplewise")
 
 
@@ -74,19 +74,19 @@ def build_noise(noise_cfg: dict, num_train: int):
     return SampleWiseSigma(sigma, grid, num_train)
 
 
-def build_objective(objective_cfg: dict, attack_cfg: dict):
+def build_objective(objective_cfg: dict, attack_node):
     from hydra.utils import instantiate
 
     options = dict(objective_cfg)
     name = options.pop("name", "?")
     try:
         if name == "smoothadv":
-            if not attack_cfg:
+            if not attack_node:
                 raise ConfigError("objective=smoothadv needs an attack: set attack=pgd or attack=ddn")
-            attack_options = {k: v for k, v in attack_cfg.items() if k != "name"}
+            attack_options = {k: v for k, v in plain(attack_node).items() if k != "name"}
             options["attack"] = instantiate(attack_options)
-        elif attack_cfg:
-            raise ConfigError(f"attack={attack_cfg.get('name')} is only used by objective=smoothadv, not {name}")
+        elif attack_node:
+            raise ConfigError(f"attack={attack_node.get('name')} is only used by objective=smoothadv, not {name}")
         return instantiate(options)
     except ConfigError:
         raise
@@ -118,7 +118,7 @@ def build_loggers(logger_cfg: dict, output_dir: Path):
     for name, options in (logger_cfg or {}).items():
         options = dict(options)
         if name == "wandb":
-            from ssmooth.lit.wandb import wandb_offline_default
+            from ssmooth.lit.logging import wandb_offline_default
 
             if options.get("offline") is None:
                 options["offline"] = wandb_offline_default()
@@ -167,6 +167,53 @@ def resolve_resume(ckpt_path, output_dir: Path):
 
 
 def run(cfg: DictConfig) -> dict | None:
+    if cfg.stage == "pipeline":
+        return run_pipeline(cfg)
+    return train_and_certify(cfg)
+
+
+def run_pipeline(cfg: DictConfig) -> dict | None:
+    """The method end to end in one job (SPEC section 3): pretrain at the base level (stage A), finetune with
+    sample-wise levels (B-C) and certify with per-point levels and allocation (D-F); beside it, the same
+    pretrained model continued at the constant level for the same number of epochs. One report covers all."""
+    from omegaconf import open_dict
+
+    from ssmooth import report
+
+    if cfg.noise.kind != "samplewise":
+        raise ConfigError(f"stage=pipeline needs noise=samplewise (the finetuning levels), got noise.kind={cfg.noise.kind}")
+    certify_config(cfg.certify)  # fail before the first stage, not after it
+    out = Path(cfg.output_dir)
+    pipeline = cfg.pipeline
+    constant_noise = {"kind": "constant", "sigma": cfg.noise.sigma}
+
+    def stage(name: str, **changes) -> DictConfig:
+        stage_cfg = cfg.copy()
+        with open_dict(stage_cfg):
+            stage_cfg.output_dir = str(out / name)
+            stage_cfg.name = f"{cfg.name}/{name}"
+            for key, value in changes.items():
+                OmegaConf.update(stage_cfg, key, value, merge=False)
+        return stage_cfg
+
+    summaries = {}
+    summaries["pretrain"] = train_and_certify(stage("pretrain", stage="pretrain", noise=constant_noise,
+                                                    **{"certify.policy": "constant"}))
+    pretrained = str(out / "pretrain" / "checkpoints" / "last.ckpt")
+    finetune = {"stage": "finetune", "pretrained": pretrained, "trainer.max_epochs": pipeline.finetune_epochs,
+                "optim.optimizer.lr": pipeline.finetune_lr, "optim.scheduler": None, "ckpt_path": cfg.ckpt_path}
+    summaries["finetune_samplewise"] = train_and_certify(
+        stage("finetune_samplewise", **finetune, **{"certify.policy": "samplewise"}))
+    if pipeline.constant_arm:
+        summaries["finetune_constant"] = train_and_certify(
+            stage("finetune_constant", **finetune, noise=constant_noise, **{"certify.policy": "constant"}))
+    if all(s is not None for s in summaries.values()):
+        paths = report.write_report(out)
+        print(f"report: {paths}")
+    return summaries.get("finetune_samplewise")
+
+
+def train_and_certify(cfg: DictConfig) -> dict | None:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -204,7 +251,7 @@ def run(cfg: DictConfig) -> dict | None:
     model = build_model(model_cfg, info)
     if pretrained is not None:
         model.load_state_dict({k[len("model."):]: v for k, v in pretrained.items() if k.startswith("model.")})
-    objective = build_objective(plain(cfg.objective), plain(cfg.attack))
+    objective = build_objective(plain(cfg.objective), cfg.attack)
     from hydra.utils import instantiate
 
     optimizer = instantiate(cfg.optim.optimizer)
@@ -233,6 +280,7 @@ def run(cfg: DictConfig) -> dict | None:
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = build_loggers(plain(cfg.logger), output_dir)
     trainer = build_trainer(cfg, output_dir, loggers, callbacks)
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     try:
@@ -244,12 +292,10 @@ def run(cfg: DictConfig) -> dict | None:
         grid = getattr(noise, "grid", None)
         summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
                                 base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
-        for logger in loggers:
-            log_summary = getattr(logger, "log_metrics", None)
-            if log_summary:
-                from ssmooth.report import summary_metrics
+        from ssmooth.lit.logging import certification_metrics
 
-                log_summary(summary_metrics(summary), step=trainer.global_step)
+        for logger in loggers:
+            logger.log_metrics(certification_metrics(summary), step=trainer.global_step)
         report_certification(summary, output_dir)
         return summary
     finally:

@@ -1,0 +1,167 @@
+"""The Hydra apps: every experiment config runs, bad settings fail early and clearly, DDP on CPU, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ssmooth.cli import certify as certify_cli
+from ssmooth.cli import train as train_cli
+from ssmooth.cli.common import CONFIG_DIR, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+# One optimizer step, a couple of certified points, few samples: enough to run every code path of a config.
+TINY = [
+    "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
+    "dataset.train_subset=8", "dataset.batch_size=4", "dataset.eval_batch_size=4", "dataset.num_workers=0",
+    "certify.n0=8", "certify.n=100", "certify.max=2", "certify.skip=1", "certify.batch_size=64",
+    "certify.progress=false", "pipeline.finetune_epochs=1",
+]
+
+
+def compose_cfg(config_name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name, overrides=overrides)
+
+
+def data_overrides(experiment: str, shared: Path) -> list[str]:
+    if experiment.startswith(("mnist", "cifar10")):
+        return ["dataset.source=npz", f"dataset.npz_dir={shared}"]
+    return []
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_config_runs_one_step(experiment, tmp_path, request):
+    shared = request.getfixturevalue("shared_data") if experiment.startswith(("mnist", "cifar10")) else None
+    extra = ["model.depth=20"] if "cifar10" in experiment else []
+    extra += ["noise.num_draws=2"] if "samplewise" in experiment or experiment == "demo" else []
+    cfg = compose_cfg("train", [f"experiment={experiment}", f"output_dir={tmp_path}", *TINY, *extra,
+                                *data_overrides(experiment, shared)])
+    summary = train_cli.run(cfg)
+    assert summary is not None
+    assert summary["points"]["count"] == 2
+    written = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    assert written["n"] == 100 and written["alpha"] == 0.001
+    if cfg.stage == "pipeline":
+        assert set(summary["variants"]) >= {"constant", "samplewise_raw", "samplewise_fill", "samplewise_lp"}
+        assert (tmp_path / "report.md").is_file()
+
+
+def run_expecting_config_error(overrides, tmp_path, match):
+    cfg = compose_cfg("train", [f"output_dir={tmp_path}", *TINY, *overrides])
+    with pytest.raises((ConfigError, FileNotFoundError), match=match):
+        train_cli.run(cfg)
+    assert not (tmp_path / "checkpoints").exists(), "validation must happen before training starts"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["noise.sigma=0"], r"noise.sigma=0"),
+    (["noise.sigma=-0.5"], r"noise.sigma=-0.5"),
+    (["certify.alpha=1.5"], r"certify.alpha=1.5"),
+    (["certify.n0=0"], r"certify.n0=0"),
+    (["certify.n=10"], r"certify.n=10 .*at most 0.0030"),
+    (["certify.batch_size=0"], r"certify.batch_size=0"),
+    (["dataset.batch_size=0"], r"batch_size"),
+    (["objective=smoothadv"], r"needs an attack"),
+    (["objective=gaussian", "attack=pgd"], r"only used by objective=smoothadv"),
+    (["objective=smoothadv", "attack=pgd", "attack.eps=-1"], r"eps"),
+    (["objective=macer", "objective.num_noise=0"], r"num_noise"),
+    (["model=cifar_resnet", "model.depth=33"], r"depth"),
+    (["dataset=mnist", "dataset.source=npz", "dataset.npz_dir=/nonexistent"], r"/nonexistent.*download"),
+    (["stage=finetune"], r"pretrained"),
+    (["stage=finetune", "pretrained=/no/such.ckpt"], r"/no/such.ckpt"),
+    (["stage=pipeline"], r"noise=samplewise"),
+])
+def test_bad_settings_fail_before_training_and_name_the_value(overrides, match, tmp_path):
+    run_expecting_config_error(overrides, tmp_path, match)
+
+
+def test_bad_setting_from_the_command_line_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ssmooth.cli.train", "noise.sigma=-1", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "noise.sigma=-1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ddp_cpu_training_gathers_the_sigma_table(tmp_path):
+    # Two gloo processes; each selects levels for half of the training samples. The grid leaves out the base
+    # level, so an entry that was not gathered would still hold 0.25.
+    pretrain = tmp_path / "pretrain"
+    cfg = compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false"])
+    train_cli.run(cfg)
+    finetune = tmp_path / "finetune"
+    cfg = compose_cfg("train", [f"output_dir={finetune}", *TINY, "trainer=ddp_cpu", "stage=finetune",
+                                f"pretrained={pretrain / 'checkpoints' / 'last.ckpt'}", "noise=samplewise",
+                                "noise.grid_factors=[0.5,2.0]", "noise.num_draws=4", "dataset.train_subset=16",
+                                "certify.enabled=false"])
+    train_cli.run(cfg)
+    state = torch.load(finetune / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    table = state["noise.table"][:1437]
+    from ssmooth.data import SmoothingDataModule
+
+    train_indices = SmoothingDataModule("digits").train_set.indices[:16]
+    assert set(table[train_indices].tolist()) <= {0.125, 0.5}
+
+
+def test_train_then_certify_checkpoint_without_repeating_the_architecture(tmp_path):
+    cfg = compose_cfg("train", [f"output_dir={tmp_path / 'train'}", *TINY, "model.hidden=[32]",
+                                "certify.enabled=false"])
+    train_cli.run(cfg)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg("certify", [f"ckpt={ckpt}", f"output_dir={tmp_path / 'cert'}", "certify.n=200",
+                                  "certify.n0=10", "certify.max=6", "certify.skip=2", "certify.progress=false"])
+    summary = certify_cli.run(cfg)
+    rows = pd.read_csv(tmp_path / "cert" / "certify.tsv", sep="\t")
+    assert len(rows) == 3 and rows["idx"].is_unique
+    assert summary["sigma"] == 0.25  # from the checkpoint, not repeated by the user
+    assert (tmp_path / "cert" / "certified_accuracy.png").is_file()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    cfg = compose_cfg("certify", [f"ckpt={bad}", f"output_dir={tmp_path / 'cert'}"])
+    with pytest.raises(ConfigError, match=str(bad)):
+        certify_cli.run(cfg)
+
+
+@pytest.mark.cli
+def test_killed_certification_resumes_without_lost_or_duplicated_rows(tmp_path):
+    cfg = compose_cfg("train", [f"output_dir={tmp_path / 'train'}", *TINY, "certify.enabled=false"])
+    train_cli.run(cfg)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "cert"
+    cmd = [sys.executable, "-m", "ssmooth.cli.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", "certify.n=20000",
+           "certify.n0=10", "certify.points_per_group=4", "certify.batch_size=2000", "certify.max=-1",
+           "certify.skip=3", "certify.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tsv = out / "certify.tsv"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if tsv.is_file() and len(tsv.read_text().splitlines()) > 9:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = pd.read_csv(tsv, sep="\t")
+    assert 8 <= len(done_before) < 120, "the kill should land part-way"
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    rows = pd.read_csv(tsv, sep="\t")
+    assert len(rows) == 120 and rows["idx"].is_unique  # 360 test digits, every 3rd
+    kept = rows.set_index("idx").loc[done_before["idx"]]
+    assert (kept["radius"].to_numpy() == done_before["radius"].to_numpy()).all()  # finished rows not redone
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["points"]["count"] == 120
