@@ -149,7 +149,8 @@ def certify_model(
             rows["radius"] = r
             write_rows(rows[list(SAMPLEWISE_COLUMNS)], out / f"certify_{rule}.tsv")
             stats = {"num_points_T": allocation.num_points, "num_conflicting_pairs": allocation.num_conflicts,
-                     "mean_r_over_R": allocation.mean_ratio}
+                     # NaN when no point was certified: null keeps summary.json strict JSON
+                     "mean_r_over_R": None if np.isnan(allocation.mean_ratio) else allocation.mean_ratio}
             variants[f"samplewise_{rule}"] = {**report.summarize_rows(rows, radii), "sound": True,
                                               "allocation": rule, **stats}
             if rule == cfg.allocation:

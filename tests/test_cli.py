@@ -111,7 +111,9 @@ def test_ddp_cpu_training_gathers_the_sigma_table(tmp_path):
     table = state["noise.table"][:1437]
     from ssmooth.data import SmoothingDataModule
 
-    train_indices = SmoothingDataModule("digits").train_set.indices[:16]
+    datamodule = SmoothingDataModule("digits")
+    datamodule.setup()
+    train_indices = datamodule.train_set.indices[:16]
     assert set(table[train_indices].tolist()) <= {0.125, 0.5}
 
 
@@ -165,3 +167,34 @@ def test_killed_certification_resumes_without_lost_or_duplicated_rows(tmp_path):
     assert (kept["radius"].to_numpy() == done_before["radius"].to_numpy()).all()  # finished rows not redone
     summary = json.loads((out / "summary.json").read_text())
     assert summary["points"]["count"] == 120
+
+
+def test_wandb_logger_runs_offline_without_a_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = compose_cfg("train", [f"output_dir={tmp_path}", *TINY, "logger=wandb"])
+    summary = train_cli.run(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one offline run per job, in the job's folder"
+    assert summary["variants"]["constant"]["num_points"] == 2
+
+
+@pytest.mark.cli
+def test_sweep_runs_each_job_in_its_own_folder_and_reports_one_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ssmooth.cli.train", "-m", "noise.sigma=0.25,0.5", *TINY, "certify.max=4",
+           f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2
+    assert {json.loads(p.read_text())["sigma"] for p in summaries} == {0.25, 0.5}
+    # re-running the sweep skips the finished jobs
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert again.stdout.count("already finished") == 2
+    from ssmooth.cli import report as report_cli
+
+    assert report_cli.main([str(sweep)]) == 0
+    table = (sweep / "report.md").read_text()
+    assert "0.25" in table and "0.5" in table

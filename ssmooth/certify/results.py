@@ -69,9 +69,8 @@ class RowWriter:
 
 
 def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.6e}"
-    return str(value)
+    # Full round-trip precision: rounding a radius to nearest could overstate a certificate.
+    return repr(float(value)) if isinstance(value, float) else str(value)
 
 
 def merge_rows(paths, out: str | os.PathLike) -> pd.DataFrame:

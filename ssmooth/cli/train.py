@@ -248,6 +248,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
                               f"not dataset={info.name}")
         model_cfg = pretrained_meta["model"]  # the architecture comes from the checkpoint
         pretrained = pretrained_state
+    L.seed_everything(cfg.seed, workers=True)  # before the model, so the seed decides the initial weights
     model = build_model(model_cfg, info)
     if pretrained is not None:
         model.load_state_dict({k[len("model."):]: v for k, v in pretrained.items() if k.startswith("model.")})
@@ -263,7 +264,6 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     meta = checkpoint_meta(cfg, info, noise)
     meta["model"] = model_cfg
 
-    L.seed_everything(cfg.seed, workers=True)
     if noise.kind == "samplewise":
         from ssmooth.lit.finetune import SigmaFinetuneModule
 
@@ -277,12 +277,17 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
 
     callbacks = [ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="epoch{epoch:03d}",
                                  auto_insert_metric_name=False, save_last=True, save_top_k=1)]
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    try:
+        callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    except Exception as err:
+        raise ConfigError(f"callbacks: {_root_cause(err)}") from None
     loggers = build_loggers(plain(cfg.logger), output_dir)
     trainer = build_trainer(cfg, output_dir, loggers, callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
+    for logger in loggers:
+        logger.log_hyperparams(plain(cfg))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.ckpt_path, output_dir))
         if not trainer.is_global_zero or not cert_cfg.enabled:
@@ -292,11 +297,10 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         grid = getattr(noise, "grid", None)
         summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
                                 base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
-        from ssmooth.lit.logging import certification_metrics
-
-        for logger in loggers:
-            logger.log_metrics(certification_metrics(summary), step=trainer.global_step)
         report_certification(summary, output_dir)
+        from ssmooth.lit.logging import log_certification
+
+        log_certification(loggers, summary, trainer.global_step, output_dir / "certified_accuracy.png")
         return summary
     finally:
         _finish_wandb(loggers)

@@ -27,3 +27,24 @@ def certification_metrics(summary: dict, prefix: str = "cert") -> dict[str, floa
         metrics[f"{key}/acr"] = float(variant["acr"])
         metrics[f"{key}/abstain"] = float(variant["abstain_rate"])
     return metrics
+
+
+def log_certification(loggers, summary: dict, step: int, plot_path=None) -> None:
+    """Send a finished certification to every logger: the flat metrics, and for wandb also the certified
+    accuracy curve as a table + line plot and the PNG drawn by the report."""
+    # "final/...": the periodic certification callback owns "cert/..." (small n, a fixed subset).
+    metrics = certification_metrics(summary, prefix="final")
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        import wandb
+
+        main = summary["variants"][summary["main"]]
+        table = wandb.Table(columns=["radius", "certified_accuracy"],
+                            data=[[r, a] for r, a in zip(summary["radii"], main["certified_accuracy"])])
+        payload = {"final/curve": wandb.plot.line(table, "radius", "certified_accuracy",
+                                                 title="certified accuracy vs l2 radius")}
+        if plot_path is not None:
+            payload["final/plot"] = wandb.Image(str(plot_path))
+        logger.experiment.log(payload)
