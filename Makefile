@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 ## The main job on scikit-learn's 8x8 digits: pretrain at sigma 0.25, finetune per-sample levels, certify.
 demo: install
-	$(BIN)/ssmooth-train experiment=demo
+	$(BIN)/ssmooth-train
 
 ## The default suite (slow tests deselected); `make test-all` runs everything.
 test: install

@@ -69,11 +69,12 @@ class Mode:
     channels_last: bool = False
     compile: bool = False
     autocast: torch.dtype | None = None
+    weights_too: bool = True  # channels-last weights as well as inputs (False: inputs only, as certify alone does)
 
     def label(self) -> str:
         parts = ["inference_mode" if self.inference else "no_grad"]
         if self.channels_last:
-            parts.append("channels-last")
+            parts.append("channels-last" if self.weights_too else "channels-last inputs only")
         if self.compile:
             parts.append("compile")
         parts.append({None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast])
@@ -92,10 +93,11 @@ _compiled: dict[tuple[int, bool], nn.Module] = {}
 
 def prepare(model: nn.Module, mode: Mode) -> nn.Module:
     """The model as ``mode`` runs it: channels-last weights for conv nets, compiled when asked (cached)."""
-    key = (id(model), mode.channels_last, mode.compile)
+    convert = mode.channels_last and mode.weights_too
+    key = (id(model), convert, mode.compile)
     if key not in _compiled:
         prepared = model
-        if mode.channels_last:
+        if convert:
             prepared = copy.deepcopy(model).to(memory_format=torch.channels_last)
         if mode.compile:
             # dynamic=False: one specialised graph per batch shape (full chunks and the last, shorter one)
@@ -197,6 +199,24 @@ def reference_loop(model, x, n0, n, batch_size, mode: Mode, device: torch.device
     return run
 
 
+def count_host_syncs(run, device: torch.device) -> int | None:
+    """CUDA only: how many calls in ``run`` made the host wait for the device."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    except RuntimeError:
+        return None
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def noisy_inputs(x: torch.Tensor, batch_size: int, num_batches: int, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator(device=x.device).manual_seed(seed)
     out = []
@@ -260,7 +280,7 @@ def machine_header(args, device: torch.device) -> str:
 
 
 def throughput_section(args, model, device, mode: Mode) -> str:
-    registry_name, _, shape, _, _ = MODELS[args.model]
+    shape = MODELS[args.model][2]
     generator = torch.Generator(device=device).manual_seed(1)
     x = torch.rand((args.points, *shape), generator=generator, device=device)
     ref_batch = args.ref_batch_size or args.batch_size
@@ -281,6 +301,7 @@ def throughput_section(args, model, device, mode: Mode) -> str:
                          reference_loop(model, x[:1], args.n0, warm_n(args.n, ref_batch), ref_batch, mode, device))
     rates = measure(runs, args.repeats, device)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    syncs = count_host_syncs(runs["b"][0], device)
 
     names = {
         "a": f"(a) forward alone, {mode.label()} (the limit)",
@@ -309,24 +330,27 @@ def throughput_section(args, model, device, mode: Mode) -> str:
         target = targets.get(key)
         met = "-" if target is None else ("yes" if value >= target else "NO")
         out.append(f"| {key} | {value:.2f} | {'-' if target is None else f'>= {target:.2f}'} | {met} |")
+    if syncs is not None:
+        chunks = -(-args.points * args.n0 // args.batch_size) + -(-args.points * args.n // args.batch_size)
+        out += ["", f"Host synchronizations in one (b) call: {syncs} for {chunks} chunks "
+                "(`torch.cuda.set_sync_debug_mode`; one per chunk stalls the launch queue)."]
     out.append("")
     return "\n".join(out)
 
 
 def forward_modes_section(args, model, device) -> str:
     """What each option buys over a plain forward (no_grad, fp32, contiguous), at --batch-size."""
-    _, _, shape, _, _ = MODELS[args.model]
-    conv = len(shape) == 3 and args.model != "mlp"
+    shape = MODELS[args.model][2]
+    conv = args.model != "mlp"
     modes = [Mode(inference=False), Mode()]
     if conv:
-        modes += [Mode(channels_last=True)]
+        modes += [Mode(channels_last=True, weights_too=False), Mode(channels_last=True)]
     if args.compile:
         modes += [Mode(compile=True)] + ([Mode(channels_last=True, compile=True)] if conv else [])
-    if device.type == "cuda":
-        half = AUTOCAST["fp16"] if args.autocast == "fp16" else torch.bfloat16
+    # a GPU always gets the half-precision rows; a CPU only when --autocast names a dtype
+    if device.type == "cuda" or args.autocast not in ("none", "auto"):
+        half = AUTOCAST[args.autocast] if args.autocast not in ("none", "auto") else torch.bfloat16
         modes += [replace(m, autocast=half) for m in modes[1:]]
-    elif args.autocast not in ("none", "auto"):
-        modes += [Mode(autocast=AUTOCAST[args.autocast])]
     generator = torch.Generator(device=device).manual_seed(2)
     x = torch.rand((args.points, *shape), generator=generator, device=device)
     inputs = noisy_inputs(x, args.batch_size, args.forward_batches)
@@ -342,8 +366,8 @@ def forward_modes_section(args, model, device) -> str:
         out.append(f"| {label} | {median} | {spread} | {statistics.median(rate) / base:.2f} |")
     if conv:
         out.append("")
-        out.append("channels-last here converts the weights and the inputs (`model.to(memory_format=torch."
-                   "channels_last)`); `certify(channels_last=True)` alone converts only the inputs.")
+        out.append("channels-last: the weights (`model.to(memory_format=torch.channels_last)`) and the inputs; "
+                   "`certify(channels_last=True)` on its own converts only the inputs.")
     out.append("")
     return "\n".join(out)
 
@@ -353,9 +377,10 @@ def memory_probe(args) -> dict:
     device = torch.device(args.device)
     model = build_model(args.model, device)
     mode = run_mode(args, device)
-    _, _, shape, _, _ = MODELS[args.model]
+    shape = MODELS[args.model][2]
     x = torch.rand((1, *shape), device=device)
-    ssmooth_certify(model, x, args.n0, args.batch_size, args.batch_size, mode, device)()  # warm-up
+    for _ in range(2):  # warm-up: the allocator reaches its steady state
+        ssmooth_certify(model, x, args.n0, 3 * args.batch_size, args.batch_size, mode, device)()
     n = args.memory_probe
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -364,8 +389,8 @@ def memory_probe(args) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
         return {"n": n, "kind": "CUDA max_memory_allocated", "peak_mib": peak / 2**20,
                 "growth_mib": (peak - before) / 2**20, "seconds": seconds}
-    # ru_maxrss is the high-water mark of the process: the growth over the warm-up (same chunk shapes,
-    # n = batch_size) is what n itself costs.
+    # ru_maxrss is the high-water mark of the process: its growth over the warm-up (same chunk shapes) is what
+    # n itself costs; a few MiB of it is the C allocator's fragmentation, not a buffer that scales with n.
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     seconds = timed(ssmooth_certify(model, x, args.n0, n, args.batch_size, mode, device), device)
@@ -375,7 +400,7 @@ def memory_probe(args) -> dict:
 
 
 def memory_section(args, device) -> str:
-    _, _, shape, _, _ = MODELS[args.model]
+    shape = MODELS[args.model][2]
     rows = []
     for n in args.memory_n:
         command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", str(n), "--model", args.model,
@@ -392,10 +417,15 @@ def memory_section(args, device) -> str:
         all_noise = n * int(np.prod(shape)) * 4 / 2**20
         rows.append(f"| {n:,} | {probe['peak_mib']:,.0f} | {probe['growth_mib']:+,.1f} | {all_noise:,.0f} | "
                     f"{probe['seconds']:.1f} |")
-    kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of a fresh process (ru_maxrss)"
+    if device.type == "cuda":
+        how = ("CUDA max_memory_allocated during the call; growth: that peak minus what was allocated before it "
+               "(one chunk's working set)")
+    else:
+        how = ("peak RSS of a fresh process (ru_maxrss); growth: over two warm-up certify calls at n = 3 x batch "
+               "size in that process")
     return "\n".join([
         f"### Peak memory of certify: {args.model}, {device.type}, batch {args.batch_size}, one point", "",
-        f"Measured: {kind}. Growth: above a warm-up certify at n = batch size in the same process.", "",
+        f"Measured: {how}.", "",
         "| n | peak MiB | growth MiB | all n noise draws at once would need, MiB | seconds |",
         "|---|---|---|---|---|", *rows, ""])
 
@@ -469,7 +499,7 @@ def run_mode(args, device: torch.device) -> Mode:
     if autocast == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         autocast = "bf16" if cuda_bf16 else "none"
-    channels_last = args.channels_last and MODELS[args.model][2].__len__() == 3 and args.model != "mlp"
+    channels_last = args.channels_last and args.model != "mlp"  # channels-last means nothing to an MLP
     return Mode(inference=True, channels_last=channels_last, compile=args.compile, autocast=AUTOCAST[autocast])
 
 

@@ -15,7 +15,7 @@ from ssmooth.lit.callbacks import CertificationCallback
 from ssmooth.report import standard_radii, summarize_rows
 
 NUM_POINTS = 30  # 360 test digits: every 12th
-TINY = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+TINY = ["~experiment", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "model.hidden=[64]", "certify.enabled=false"]
 CERTIFY = ["callbacks=certify", f"callbacks.certify.num_points={NUM_POINTS}", "callbacks.certify.n0=16",
            "callbacks.certify.n=200", "callbacks.certify.batch_size=256"]

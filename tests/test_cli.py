@@ -21,7 +21,7 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml
 
 # One optimizer step, a couple of certified points, few samples: enough to run every code path of a config.
 TINY = [
-    "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+    "~experiment", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
     "dataset.train_subset=8", "dataset.batch_size=4", "dataset.eval_batch_size=4", "dataset.num_workers=0",
     "certify.n0=8", "certify.n=100", "certify.max=2", "certify.skip=1", "certify.batch_size=64",
@@ -45,7 +45,8 @@ def test_every_experiment_config_runs_one_step(experiment, tmp_path, request):
     shared = request.getfixturevalue("shared_data") if experiment.startswith(("mnist", "cifar10")) else None
     extra = ["model.depth=20"] if "cifar10" in experiment else []
     extra += ["noise.num_draws=2"] if "samplewise" in experiment or experiment == "demo" else []
-    cfg = compose_cfg("train", [f"experiment={experiment}", f"output_dir={tmp_path}", *TINY, *extra,
+    tiny = [o for o in TINY if not o.startswith("~experiment")]
+    cfg = compose_cfg("train", [f"experiment={experiment}", f"output_dir={tmp_path}", *tiny, *extra,
                                 *data_overrides(experiment, shared)])
     summary = train_cli.run(cfg)
     assert summary is not None
@@ -198,3 +199,15 @@ def test_sweep_runs_each_job_in_its_own_folder_and_reports_one_table(tmp_path):
     assert report_cli.main([str(sweep)]) == 0
     table = (sweep / "report.md").read_text()
     assert "0.25" in table and "0.5" in table
+
+
+def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("~experiment")]
+    cfg = compose_cfg("train", [f"output_dir={tmp_path}", *tiny, "noise.num_draws=2"])
+    assert cfg.stage == "pipeline" and cfg.dataset.name == "digits"
+    summary = train_cli.run(cfg)
+    assert summary["sigma_policy"] == "samplewise"
+    assert {p.parent.name for p in tmp_path.rglob("summary.json")} == {
+        "pretrain", "finetune_samplewise", "finetune_constant"}
+    report = (tmp_path / "report.md").read_text()
+    assert "samplewise_fill" in report and "unsound" in report
