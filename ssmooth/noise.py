@@ -74,3 +74,7 @@ def sigma_grid(sigma: float, factors: Sequence[float]) -> list[float]:
     if min(factors) <= 0:
         raise ValueError(f"noise.grid_factors must be > 0, got {list(factors)}")
     return sorted({round(float(sigma) * float(f), 10) for f in factors})
+
+
+# Re-exported: choosing a level per sample belongs with the policies that use it.
+from ssmooth.selection import select_sigma  # noqa: E402,F401

@@ -60,6 +60,8 @@ def sample_counts(
 
     The B * num (point, draw) pairs are walked in chunks of ``batch_size`` noisy inputs, so one forward batch
     holds copies of several points when num < batch_size, and memory stays at one chunk whatever num is.
+    ``channels_last`` converts the inputs only: convert the model's weights too
+    (``model.to(memory_format=torch.channels_last)``), or the conv kernels stay on the slow path.
     """
     if num < 1:
         raise ValueError(f"number of samples must be >= 1, got {num}")
@@ -72,6 +74,7 @@ def sample_counts(
     counts = torch.zeros(num_points * num_classes, dtype=torch.long, device=device)
     total = num_points * num
     noise = torch.empty((min(batch_size, total), *x.shape[1:]), device=device, dtype=x.dtype)
+    ones = torch.ones(min(batch_size, total), dtype=torch.long, device=device)
     amp = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     )
@@ -89,7 +92,9 @@ def sample_counts(
                 if channels_last and batch.dim() == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 predicted = model(batch).argmax(dim=1)
-                counts += torch.bincount(point * num_classes + predicted, minlength=num_points * num_classes)
+                # index_add_ rather than bincount: bincount on CUDA reads its input's range back to the host,
+                # a sync per chunk.
+                counts.index_add_(0, point * num_classes + predicted, ones[: stop - start])
     finally:
         model.train(was_training)
     return counts.view(num_points, num_classes)
