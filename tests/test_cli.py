@@ -211,3 +211,24 @@ def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
         "pretrain", "finetune_samplewise", "finetune_constant"}
     report = (tmp_path / "report.md").read_text()
     assert "samplewise_fill" in report and "unsound" in report
+
+
+def test_killed_training_resumes_from_last_to_the_same_final_epoch(tmp_path, monkeypatch):
+    from ssmooth.lit.module import SmoothingModule
+
+    overrides = [f"output_dir={tmp_path}", *TINY, "trainer.max_epochs=3", "certify.enabled=false",
+                 "trainer.limit_train_batches=2"]
+
+    def crash(self):
+        if self.current_epoch == 2:
+            raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SmoothingModule, "on_train_epoch_start", crash, raising=False)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_cli.run(compose_cfg("train", overrides))
+    interrupted = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert interrupted["epoch"] == 1
+    train_cli.run(compose_cfg("train", [*overrides, "ckpt_path=last"]))
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * 2  # three epochs of two steps, no more

@@ -29,7 +29,7 @@ from ssmooth.cli.common import (
 def run(cfg: DictConfig) -> dict:
     from ssmooth.cli.train import build_datamodule, build_model
     from ssmooth.evaluate import certify_model
-    from ssmooth.lit.module import load_checkpoint
+    from ssmooth.lit.module import load_checkpoint, model_state
 
     cert_cfg = certify_config(cfg.certify)
     try:
@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(dataset_cfg, seed=meta.get("seed", 0))
     model = build_model(meta["model"], datamodule.info)
     try:
-        model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+        model.load_state_dict(model_state(state))
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {cfg.ckpt} does not match its own architecture: {err}") from None
 

@@ -219,7 +219,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ssmooth.evaluate import certify_model
-    from ssmooth.lit.module import SmoothingModule, load_checkpoint
+    from ssmooth.lit.module import SmoothingModule, load_checkpoint, model_state
 
     output_dir = Path(cfg.output_dir)
     if cfg.stage not in STAGES:
@@ -251,7 +251,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     L.seed_everything(cfg.seed, workers=True)  # before the model, so the seed decides the initial weights
     model = build_model(model_cfg, info)
     if pretrained is not None:
-        model.load_state_dict({k[len("model."):]: v for k, v in pretrained.items() if k.startswith("model.")})
+        model.load_state_dict(model_state(pretrained))
     objective = build_objective(plain(cfg.objective), cfg.attack)
     from hydra.utils import instantiate
 

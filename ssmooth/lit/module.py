@@ -98,3 +98,8 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     if not isinstance(ckpt, dict) or "ssmooth" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"checkpoint {path} is not an ssmooth checkpoint (no 'ssmooth' metadata)")
     return ckpt["ssmooth"], ckpt["state_dict"]
+
+
+def model_state(state_dict: dict) -> dict:
+    """The network's own weights out of a SmoothingModule state_dict (keys under ``model.``)."""
+    return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
