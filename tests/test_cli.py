@@ -232,3 +232,14 @@ def test_killed_training_resumes_from_last_to_the_same_final_epoch(tmp_path, mon
     train_cli.run(compose_cfg("train", [*overrides, "ckpt_path=last"]))
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * 2  # three epochs of two steps, no more
+
+
+@pytest.mark.parametrize("trainer", sorted(p.stem for p in (REPO / "conf" / "trainer").glob("*.yaml")))
+def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
+    # GPU configs are built with the accelerator swapped for the CPU: the rest (strategy, timeout) is checked.
+    cfg = compose_cfg("train", ["~experiment", f"trainer={trainer}", "trainer.accelerator=cpu",
+                                "trainer.precision=32-true", f"output_dir={tmp_path}"])
+    if cfg.trainer.devices == -1:
+        cfg.trainer.devices = 2
+    built = train_cli.build_trainer(cfg, tmp_path, [], [])
+    assert built.max_epochs == cfg.trainer.max_epochs
