@@ -50,6 +50,7 @@ class CertifyConfig:
     radii: list[float] | None = None  # report radii; None: the dataset's standard radii
     autocast: str | None = None
     channels_last: bool = True  # weights and inputs: 1.1-2x faster conv nets on CPU (docs/PERFORMANCE.md)
+    compile: bool = False  # torch.compile the model: pays off on long runs; the first call compiles
     seed: int = 0
     progress: bool = True
 
@@ -110,6 +111,8 @@ def certify_model(
     if cfg.channels_last:
         # A copy: the caller's model (e.g. one still training) keeps its memory format.
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model, dynamic=False)
     sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
     radii = list(cfg.radii) if cfg.radii is not None else report.standard_radii(dataset)
     common = dict(n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch_size, num_classes=num_classes,

@@ -243,3 +243,16 @@ def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
         cfg.trainer.devices = 2
     built = train_cli.build_trainer(cfg, tmp_path, [], [])
     assert built.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.cli
+def test_two_jobs_started_in_the_same_second_get_different_folders(tmp_path):
+    cmd = [sys.executable, "-m", "ssmooth.cli.train", "--cfg", "hydra", "--resolve"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    dirs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        dirs.append(next(line.split("dir:", 1)[1].strip() for line in out.splitlines()
+                         if line.strip().startswith("dir: outputs/runs/")))
+    assert dirs[0] != dirs[1]
