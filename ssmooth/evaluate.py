@@ -39,7 +39,7 @@ class CertifyConfig:
     n: int = 100_000
     alpha: float = 0.001
     batch_size: int = 1000
-    points_per_group: int = 32
+    points_per_group: int | None = None  # None: enough points to fill one forward batch of the n samples
     policy: str = "constant"
     sigma: float | None = None  # constant level; None: the base level the model was trained at
     grid_factors: list[float] | None = None  # sample-wise grid, sigma * factor; None: the training grid
@@ -61,7 +61,8 @@ class CertifyConfig:
             ("certify.n", self.n, self.n >= 1, "must be >= 1"),
             ("certify.alpha", self.alpha, 0 < self.alpha < 1, "must be in (0, 1)"),
             ("certify.batch_size", self.batch_size, self.batch_size >= 1, "must be >= 1"),
-            ("certify.points_per_group", self.points_per_group, self.points_per_group >= 1, "must be >= 1"),
+            ("certify.points_per_group", self.points_per_group,
+             self.points_per_group is None or self.points_per_group >= 1, "must be null (auto) or >= 1"),
             ("certify.skip", self.skip, self.skip >= 1, "must be >= 1"),
             ("certify.max", self.max, self.max == -1 or self.max >= 1, "must be -1 (all) or >= 1"),
             ("certify.start", self.start, self.start >= 0, "must be >= 0"),
@@ -116,7 +117,8 @@ def certify_model(
     sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
     radii = list(cfg.radii) if cfg.radii is not None else report.standard_radii(dataset)
     common = dict(n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch_size, num_classes=num_classes,
-                  points_per_group=cfg.points_per_group, seed=cfg.seed, device=device,
+                  points_per_group=cfg.points_per_group or max(1, cfg.batch_size // cfg.n), seed=cfg.seed,
+                  device=device,
                   autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last)
     variants: dict[str, dict] = {}
 

@@ -17,6 +17,17 @@ OmegaConf.register_new_resolver("ssmooth_token", lambda: f"{os.getpid()}-{uuid.u
                                 replace=True)
 
 
+def quiet_console() -> None:
+    """Lightning prints through its own handler and Hydra's root handler: keep one copy, and drop a deprecation
+    warning Lightning raises inside its own code on every fit."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 class ConfigError(ValueError):
     """A bad setting, found before any work starts; the message names the key and the value."""
 
@@ -26,6 +37,7 @@ def exit_on_config_error(task):
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig):
+        quiet_console()
         try:
             return task(cfg)
         except (ConfigError, FileNotFoundError) as err:
