@@ -341,13 +341,15 @@ def print_table(summaries, radii=None, title: str | None = None, console=None) -
         number = i >= 2
         longest = max([len(column)] + [len(row[i]) for row in rows])
         # numbers are never cut (a cropped "0.45" for 0.454 would mislead); names fold instead
-        table.add_column(column, justify="right" if number else "left", no_wrap=number, overflow="fold",
-                         min_width=longest if number else min(longest, 8))
+        table.add_column(column, justify="right" if number else "left", no_wrap=True, min_width=longest)
     for row, is_sound in zip(rows, sound):
         table.add_row(*row[:-1], style={False: "red", None: "yellow"}.get(is_sound))
-    console = console or Console()
-    # On a narrow terminal rich would drop whole columns; let long lines wrap instead of losing numbers.
-    console.print(table, width=max(console.width, console.measure(table).minimum), crop=False)
+    if console is None:
+        # On a narrow terminal (or a log file: 80 columns) rich would squeeze or drop whole columns; print the
+        # table at its natural width and let long lines wrap instead of losing names or numbers.
+        natural = sum(column.min_width + 2 for column in table.columns) + 2
+        console = Console(width=max(Console().width, natural))
+    console.print(table, crop=False)
 
 
 def envelope(summaries, radii=None) -> tuple[np.ndarray, list[str | None]]:

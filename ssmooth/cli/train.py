@@ -208,8 +208,12 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
         summaries["finetune_constant"] = train_and_certify(
             stage("finetune_constant", **finetune, noise=constant_noise, **{"certify.policy": "constant"}))
     if all(s is not None for s in summaries.values()):
-        paths = report.write_report(out)
-        print(f"report: {paths}")
+        radii = plain(cfg.certify).get("radii")
+        paths = report.write_report(out, radii=radii)
+        # The stages side by side: pretrained, constant finetune, and the sample-wise model's variants.
+        report.print_table(report.load_summaries(out), radii=radii,
+                           title=f"{cfg.name}: certified accuracy (%) at l2 radius r")
+        print(f"report: {paths['markdown']}  plot: {paths['plot']}")
     return summaries.get("finetune_samplewise")
 
 
