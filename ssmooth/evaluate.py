@@ -45,6 +45,10 @@ class CertifyConfig:
     grid_factors: list[float] | None = None  # sample-wise grid, sigma * factor; None: the training grid
     selection_samples: int = 64
     soft_selection: bool = False
+    # Score levels by the radius CERTIFY can reach: p is capped at alpha ** (1 / n), the best n samples can
+    # certify, instead of 1 - 1 / (2 m). Otherwise a large level that is nearly unanimous outscores a small one
+    # whose certificate is already at the n-sample ceiling.
+    selection_cap: str = "certifiable"  # certifiable | draws
     allocation: str = "fill"  # the headline rule; every rule is computed and reported
     compare_allocations: bool = True
     radii: list[float] | None = None  # report radii; None: the dataset's standard radii
@@ -72,6 +76,8 @@ class CertifyConfig:
              f"must be one of {ALLOCATION_RULES}"),
             ("certify.sigma", self.sigma, self.sigma is None or self.sigma > 0, "must be > 0"),
             ("certify.selection_samples", self.selection_samples, self.selection_samples >= 1, "must be >= 1"),
+            ("certify.selection_cap", self.selection_cap, self.selection_cap in ("certifiable", "draws"),
+             "must be 'certifiable' or 'draws'"),
             ("certify.autocast", self.autocast, self.autocast in AUTOCAST, f"must be one of {list(AUTOCAST)}"),
         ]
         for key, value, ok, why in checks:
@@ -135,9 +141,13 @@ def certify_model(
         grid = sorted(float(s) for s in grid)
         from ssmooth.selection import select_sigma
 
+        m = cfg.selection_samples
+        clip = (1 / (2 * m), max(1 - 1 / (2 * m), cfg.alpha ** (1 / cfg.n))) \
+            if cfg.selection_cap == "certifiable" else None
+
         def selector(x, generator):
-            return select_sigma(model, x, grid, num_samples=cfg.selection_samples, labels=None, generator=generator,
-                                batch_size=cfg.batch_size, soft=cfg.soft_selection)
+            return select_sigma(model, x, grid, num_samples=m, labels=None, generator=generator,
+                                batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
         _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=selector, common=common, label="sample-wise", cfg=cfg)
