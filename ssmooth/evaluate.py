@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -40,7 +40,7 @@ class CertifyConfig:
     alpha: float = 0.001
     batch_size: int = 1000
     points_per_group: int | None = None  # None: enough points to fill one forward batch of the n samples
-    policy: str = "constant"
+    policy: str | None = None  # None: as the model was trained (sample-wise runs certify sample-wise)
     sigma: float | None = None  # constant level; None: the base level the model was trained at
     grid_factors: list[float] | None = None  # sample-wise grid, sigma * factor; None: the training grid
     selection_samples: int = 64
@@ -71,7 +71,8 @@ class CertifyConfig:
             ("certify.max", self.max, self.max == -1 or self.max >= 1, "must be -1 (all) or >= 1"),
             ("certify.start", self.start, self.start >= 0, "must be >= 0"),
             ("certify.split", self.split, self.split in ("train", "test"), "must be 'train' or 'test'"),
-            ("certify.policy", self.policy, self.policy in POLICIES, f"must be one of {POLICIES}"),
+            ("certify.policy", self.policy, self.policy is None or self.policy in POLICIES,
+             f"must be null (as trained) or one of {POLICIES}"),
             ("certify.allocation", self.allocation, self.allocation in ALLOCATION_RULES,
              f"must be one of {ALLOCATION_RULES}"),
             ("certify.sigma", self.sigma, self.sigma is None or self.sigma > 0, "must be > 0"),
@@ -111,6 +112,8 @@ def certify_model(
     Re-running into the same folder resumes every TSV where it stopped. Returns the summary.
     """
     cfg.validate()
+    if cfg.policy is None:
+        cfg = replace(cfg, policy="samplewise" if grid else "constant")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()

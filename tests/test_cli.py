@@ -256,3 +256,18 @@ def test_two_jobs_started_in_the_same_second_get_different_folders(tmp_path):
         dirs.append(next(line.split("dir:", 1)[1].strip() for line in out.splitlines()
                          if line.strip().startswith("dir: outputs/runs/")))
     assert dirs[0] != dirs[1]
+
+
+def test_a_samplewise_checkpoint_is_certified_samplewise_unless_told_otherwise(tmp_path):
+    pretrain = tmp_path / "pretrain"
+    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false"]))
+    finetune = tmp_path / "finetune"
+    summary = train_cli.run(compose_cfg("train", [
+        f"output_dir={finetune}", *TINY, "stage=finetune", f"pretrained={pretrain / 'checkpoints' / 'last.ckpt'}",
+        "noise=samplewise", "noise.num_draws=2"]))
+    assert summary["sigma_policy"] == "samplewise" and "samplewise_fill" in summary["variants"]
+    ckpt = finetune / "checkpoints" / "last.ckpt"
+    constant = certify_cli.run(compose_cfg("certify", [
+        f"ckpt={ckpt}", f"output_dir={tmp_path / 'cert'}", "certify.policy=constant", "certify.n=100",
+        "certify.n0=8", "certify.max=4", "certify.progress=false"]))
+    assert constant["sigma_policy"] == "constant" and set(constant["variants"]) == {"constant"}

@@ -298,7 +298,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
             return None
         device = resolve_device("auto")
         points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
-        grid = getattr(noise, "grid", None)
+        grid = getattr(noise, "grid", None) if cert_cfg.policy != "constant" else None
         summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
                                 base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
         report_certification(summary, output_dir)
