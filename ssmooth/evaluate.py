@@ -105,7 +105,6 @@ def certify_model(
     dataset: str = "",
     meta: dict | None = None,
     device: torch.device | str = "cpu",
-    console=None,
 ) -> dict:
     """Certify ``points`` (items ``(x, y, index)``) and write rows + ``summary.json`` into ``out_dir``.
 
@@ -117,7 +116,7 @@ def certify_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    model = model.to(device).eval()
+    model = model.to(device)  # certify and select_sigma switch to eval mode themselves and switch back
     if cfg.channels_last:
         # A copy: the caller's model (e.g. one still training) keeps its memory format.
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -127,8 +126,7 @@ def certify_model(
     radii = list(cfg.radii) if cfg.radii is not None else report.standard_radii(dataset)
     common = dict(n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch_size, num_classes=num_classes,
                   points_per_group=cfg.points_per_group or max(1, cfg.batch_size // cfg.n), seed=cfg.seed,
-                  device=device,
-                  autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last)
+                  device=device, autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last)
     variants: dict[str, dict] = {}
 
     constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")

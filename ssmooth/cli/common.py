@@ -74,7 +74,7 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def report_certification(summary: dict, out_dir: Path, console=None) -> None:
+def report_certification(summary: dict, out_dir: Path) -> None:
     """Print the certified-accuracy table and draw the curve of a finished certification."""
     from ssmooth import report
 
