@@ -82,6 +82,7 @@ def run_expecting_config_error(overrides, tmp_path, match):
     (["stage=finetune"], r"pretrained"),
     (["stage=finetune", "pretrained=/no/such.ckpt"], r"/no/such.ckpt"),
     (["stage=pipeline"], r"noise=samplewise"),
+    (["+optim.optimizer.momentun=0.9"], r"optim: .*momentun"),
 ])
 def test_bad_settings_fail_before_training_and_name_the_value(overrides, match, tmp_path):
     run_expecting_config_error(overrides, tmp_path, match)

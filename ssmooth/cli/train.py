@@ -259,8 +259,15 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     objective = build_objective(plain(cfg.objective), cfg.attack)
     from hydra.utils import instantiate
 
-    optimizer = instantiate(cfg.optim.optimizer)
-    scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None
+    try:
+        optimizer = instantiate(cfg.optim.optimizer)
+        scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None
+        # The factories are partials: build them once now so that a misspelt argument fails before training.
+        probe = optimizer(params=model.parameters())
+        if scheduler is not None:
+            scheduler(optimizer=probe)
+    except Exception as err:
+        raise ConfigError(f"optim: {_root_cause(err)}") from None
     datamodule.prepare_data()
     datamodule.setup("fit")  # a missing dataset fails here, before training
     # The table is indexed by dataset index, which may exceed the subset's length.
