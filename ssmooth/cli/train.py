@@ -140,13 +140,13 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers, callbacks):
         raise ConfigError(f"trainer: {_root_cause(err)}") from None
 
 
-def checkpoint_meta(cfg: DictConfig, info, noise) -> dict:
+def checkpoint_meta(cfg: DictConfig, info, noise, model_cfg: dict) -> dict:
     return {
         "name": cfg.name,
         "stage": cfg.stage,
         "dataset": {"name": info.name, "num_classes": info.num_classes, "input_shape": list(info.input_shape),
                     **{k: v for k, v in plain(cfg.dataset).items() if k in ("source", "root", "npz_dir")}},
-        "model": plain(cfg.model),
+        "model": model_cfg,
         "objective": cfg.objective.get("name", ""),
         "noise": {"kind": noise.kind, "sigma": float(noise.sigma), "grid": list(getattr(noise, "grid", []))},
         "seed": int(cfg.seed),
@@ -272,8 +272,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     datamodule.setup("fit")  # a missing dataset fails here, before training
     # The table is indexed by dataset index, which may exceed the subset's length.
     noise = build_noise(plain(cfg.noise), int(datamodule.train_set.indices.max()) + 1)
-    meta = checkpoint_meta(cfg, info, noise)
-    meta["model"] = model_cfg
+    meta = checkpoint_meta(cfg, info, noise, model_cfg)
 
     if noise.kind == "samplewise":
         from ssmooth.lit.finetune import SigmaFinetuneModule
