@@ -19,7 +19,7 @@ from ssmooth import report
 from ssmooth.certify.allocation import allocate, verify_allocation
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points
-from ssmooth.certify.stats import max_certifiable_radius
+from ssmooth.certify.stats import require_useful_sample_size
 
 POLICIES = ("constant", "samplewise")
 ALLOCATION_RULES = ("fill", "halving", "lp")
@@ -84,13 +84,7 @@ class CertifyConfig:
         for key, value, ok, why in checks:
             if not ok:
                 raise ValueError(f"{key}={value!r} {why}")
-        if self.n >= 1 and 0 < self.alpha < 1:
-            largest = max_certifiable_radius(self.n, self.alpha, 1.0)
-            if largest < 0.01:
-                raise ValueError(
-                    f"certify.n={self.n} with certify.alpha={self.alpha} can certify at most {largest:.4f} * sigma "
-                    "(all votes agreeing): every point would abstain or get a useless radius; raise certify.n"
-                )
+        require_useful_sample_size(self.n, self.alpha, "certify")
 
 
 def certify_model(

@@ -27,6 +27,17 @@ def max_certifiable_radius(n: int, alpha: float, sigma: float = 1.0) -> float:
     return float(sigma * norm.ppf(alpha ** (1.0 / n)))
 
 
+def require_useful_sample_size(n: int, alpha: float, prefix: str = "certify") -> None:
+    """Raise ValueError when n samples at alpha cannot certify even 1% of sigma (all votes agreeing): every point
+    would abstain or get a useless radius. ``prefix`` names the config keys in the message."""
+    largest = max_certifiable_radius(n, alpha, 1.0)
+    if largest < 0.01:
+        raise ValueError(
+            f"{prefix}.n={n} with {prefix}.alpha={alpha} can certify at most {largest:.4f} * sigma (all votes "
+            f"agreeing): every point would abstain or get a useless radius; raise {prefix}.n"
+        )
+
+
 def two_sided_pvalue(nA, nB) -> np.ndarray:
     """p-value of the two-sided binomial test nA ~ Bin(nA + nB, 1/2), used by PREDICT."""
     nA = np.atleast_1d(np.asarray(nA, dtype=np.int64))

@@ -50,15 +50,13 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"checkpoint {cfg.ckpt} does not match its own architecture: {err}") from None
 
     noise = meta["noise"]
-    # A checkpoint trained with per-sample levels carries their grid; certify.policy=constant ignores it.
+    # A checkpoint trained with per-sample levels carries their grid (certify.policy=constant leaves it unused).
     grid = noise.get("grid") or None
     if cert_cfg.grid_factors is not None:
         from ssmooth.noise import sigma_grid
 
         grid = sigma_grid(cert_cfg.sigma or noise["sigma"], cert_cfg.grid_factors)
-    if cert_cfg.policy == "constant":
-        grid = None
-    elif cert_cfg.policy == "samplewise" and not grid:
+    if cert_cfg.policy == "samplewise" and not grid:
         raise ConfigError(f"certify.policy=samplewise: checkpoint {cfg.ckpt} was trained at one level; give the "
                           "grid with certify.grid_factors=[0.5,1.0,2.0]")
     points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)

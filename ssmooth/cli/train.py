@@ -219,7 +219,6 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
 
 def train_and_certify(cfg: DictConfig) -> dict | None:
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ssmooth.evaluate import certify_model
@@ -304,7 +303,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
             return None
         device = resolve_device("auto")
         points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
-        grid = getattr(noise, "grid", None) if cert_cfg.policy != "constant" else None
+        grid = getattr(noise, "grid", None)  # used only when the certify policy is sample-wise
         summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
                                 base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
         report_certification(summary, output_dir)
@@ -314,7 +313,6 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         return summary
     finally:
         _finish_wandb(loggers)
-        torch.set_grad_enabled(True)
 
 
 def _finish_wandb(loggers) -> None:

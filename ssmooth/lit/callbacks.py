@@ -24,7 +24,7 @@ from typing_extensions import override
 from ssmooth import report
 from ssmooth.certify.results import RowWriter, merge_rows
 from ssmooth.certify.run import certify_points
-from ssmooth.certify.stats import max_certifiable_radius
+from ssmooth.certify.stats import require_useful_sample_size
 from ssmooth.lit.logging import certification_metrics
 
 
@@ -80,12 +80,7 @@ class CertificationCallback(Callback):
         for key, value, ok, why in checks:
             if not ok:
                 raise ValueError(f"callbacks.certify.{key}={value!r} {why}")
-        largest = max_certifiable_radius(n, alpha, 1.0)
-        if largest < 0.01:  # the rule of CertifyConfig.validate
-            raise ValueError(
-                f"callbacks.certify.n={n} with callbacks.certify.alpha={alpha} can certify at most {largest:.4f} * "
-                "sigma (all votes agreeing): every point would abstain or get a useless radius; raise n"
-            )
+        require_useful_sample_size(n, alpha, "callbacks.certify")
         self.every_n_epochs, self.num_points = int(every_n_epochs), int(num_points)
         self.n0, self.n, self.alpha, self.batch_size = int(n0), int(n), float(alpha), int(batch_size)
         self.radii, self.seed, self.out_subdir = radii, int(seed), str(out_subdir)
