@@ -25,6 +25,8 @@ class Certificate:
     radius: torch.Tensor  # float [B]
     pA_lower: torch.Tensor  # float [B]
     count: torch.Tensor  # long [B], nA: votes for the selected class among the n estimation samples
+    # long [B]: forward passes per point (n0 + estimation draws); None where every point used n0 + n
+    samples: torch.Tensor | None = None
 
 
 def _as_sigma(sigma, num_points: int, device) -> torch.Tensor:
