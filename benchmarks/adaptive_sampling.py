@@ -197,6 +197,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arms", choices=("all", "fixed", "adaptive"), default="all",
+                        help="run only these arms (two processes can share the work); the table needs all")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--sizes-only", action="store_true",
                         help="pilot draws only: the exact forward passes of each setting, no ACR")
@@ -209,9 +211,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(machine_header(args, device))
+    print(machine_header(args, device), flush=True)
     model, how = load_or_train(args.dataset, args.npz_dir, args.work_dir)
-    print(f"- model: {how}")
+    print(f"- model: {how}", flush=True)
     if args.train_only:
         return
     model = model.to(device).eval()
@@ -228,9 +230,15 @@ def main(argv=None) -> None:
         if path.is_file():
             arms[loss] = json.loads(path.read_text())
             continue
+        if args.arms != "all" and (loss is None) != (args.arms == "fixed"):
+            continue  # another process runs this arm
         arms[loss] = run_arm(model, test.images, args, loss, device)
         path.write_text(json.dumps(arms[loss]))
         print(f"  done: {'fixed' if loss is None else loss} in {arms[loss]['wall_s']:.0f} s", flush=True)
+    missing = [loss for loss in [None, *args.losses] if loss not in arms]
+    if missing:
+        print(f"arms still to run (rerun with --arms all to run them, or wait for the other process): {missing}")
+        return
     text, summary = table(arms, labels, [0.0, 0.25, 0.5, 0.75, 1.0])
     print(text)
     print(f"\n- load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
