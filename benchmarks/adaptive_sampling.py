@@ -1,13 +1,19 @@
 """Fixed n against adaptive sample sizes: forward passes, time, ACR and certified accuracy on the same points.
 
 One run per dataset: the same model and the same test points are certified with CERTIFY at a fixed n and with
-``certify_adaptive`` at several ``max_radius_loss`` settings (l2 units). Forward passes are counted per point
+adaptive sample sizes at several ``max_radius_loss`` settings (l2 units). Forward passes are counted per point
 (pilot/selection draws included), so the saving is a ratio that holds on any hardware; wall and CPU seconds are
 printed beside them (the CPU may be shared: CPU seconds are the steadier of the two). ACR carries its standard
 error over points; the ACR loss D carries the standard error of the paired per-point difference.
 
+By default every arm comes from one pilot and one pool of n estimation draws per point (common random
+numbers, ``run_shared``): each arm is distributed exactly as its own run would be, the paired loss is more
+precise, and the whole comparison costs one fixed-n run; per-arm times are then estimated from the forward
+passes. ``--independent`` runs ``certify`` and ``certify_adaptive`` themselves, one run per arm with its own
+draws and measured times.
+
 The models are trained here (Gaussian augmentation, a few minutes on a CPU) unless a saved one is in
---work-dir; each finished arm is saved there too, so an interrupted run resumes arm by arm.
+--work-dir; finished runs are saved there too, so an interrupted benchmark resumes.
 
     python benchmarks/adaptive_sampling.py --dataset cifar10 --n 10000 --points 200     # CPU, about an hour
     python benchmarks/adaptive_sampling.py --dataset mnist --n 100000 --points 200      # GPU (or hours of CPU)
@@ -32,35 +38,35 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from certify_throughput import machine_header  # noqa: E402
 
-from ssmooth.certify import certify, certify_adaptive  # noqa: E402
+from ssmooth.certify import certify, certify_adaptive, sample_counts  # noqa: E402
+from ssmooth.certify.adaptive import certificate_from_counts, choose_sample_sizes, default_sizes  # noqa: E402
 from ssmooth.data import dataset_info, load_split  # noqa: E402
 from ssmooth.models import Normalize, create_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# How each model is trained here. CIFAR-10 gets a small conv net (about 1.6 M multiply-adds per image, a
-# third of LeNet's on 3x32x32): on a shared 2-core CPU the fixed-n arm alone is 2 M forward passes.
+# How each model is trained here. CIFAR-10 gets a very small conv net (about 0.15 M multiply-adds per image,
+# 1/30 of LeNet's on 3x32x32): on a shared 2-core CPU the fixed-n arm alone is 2 M forward passes.
 SETUPS = {
     "mnist": dict(model="lenet", train_points=20_000, epochs=3, sigma=0.25, lr=1e-3),
-    "cifar10": dict(model="small_conv", train_points=4_000, epochs=20, sigma=0.25, lr=2e-3),
+    "cifar10": dict(model="micro_conv", train_points=4_000, epochs=15, sigma=0.25, lr=3e-3),
 }
 
 
-def small_conv(num_classes: int = 10) -> torch.nn.Module:
-    """conv 16@3x3, pool, conv 32@3x3, pool, conv 64@3x3, pool, fc: a benchmark-only CIFAR-10 net."""
+def micro_conv(num_classes: int = 10) -> torch.nn.Module:
+    """conv 8@3x3 stride 2, conv 16@3x3 stride 2, fc: a benchmark-only CIFAR-10 net, cheap enough for a CPU."""
     nn = torch.nn
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, num_classes),
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, num_classes),
     )
 
 
 def build_model(dataset: str) -> torch.nn.Module:
     info = dataset_info(dataset)
-    if SETUPS[dataset]["model"] == "small_conv":
+    if SETUPS[dataset]["model"] == "micro_conv":
         # normalization as the first layer, as for every model of the project
-        return torch.nn.Sequential(Normalize(info.mean, info.std), small_conv(info.num_classes))
+        return torch.nn.Sequential(Normalize(info.mean, info.std), micro_conv(info.num_classes))
     return create_model(SETUPS[dataset]["model"], num_classes=info.num_classes, input_shape=info.input_shape)
 
 
@@ -130,12 +136,52 @@ def run_arm(model, x, args, loss: float | None, device) -> dict:
             "cpu_s": time.process_time() - cpu}
 
 
+def run_shared(model, x, args, device) -> dict:
+    """Every arm from ONE pilot and ONE pool of n estimation draws per point (common random numbers).
+
+    Fixed n uses the pilot and the whole pool; adaptive at each setting uses the same pilot and the first n_i
+    draws of the pool. Each arm on its own is distributed exactly as a separate run of its procedure (the
+    first n_i of i.i.d. draws are i.i.d. and independent of the pilot, and n_i depends on the pilot only), so
+    its forward passes and ACR are what that run would give; the arms are correlated, which makes the paired
+    ACR loss more precise. Costs one fixed-n run. Per-arm times are estimated as forward passes times the
+    measured time per pass.
+    """
+    menu = default_sizes(args.n)
+    arms = {loss: {"prediction": [], "radius": [], "samples": []} for loss in [None, *args.losses]}
+    wall, cpu = time.perf_counter(), time.process_time()
+    for start in range(0, len(x), args.group):
+        xs = x[start : start + args.group].to(device)
+        generator = torch.Generator(device=device).manual_seed(args.seed * 1_000 + start)
+        kw = dict(batch_size=args.batch_size, num_classes=10, generator=generator)
+        pilot = sample_counts(model, xs, args.sigma, args.n0, **kw).cpu()
+        cA = pilot.argmax(dim=1)
+        kA = pilot.gather(1, cA[:, None]).squeeze(1).numpy()
+        # votes for cA among the first s pool draws, for every size s of the menu
+        prefix, total, drawn = {}, torch.zeros_like(pilot), 0
+        for size in menu:
+            total += sample_counts(model, xs, args.sigma, size - drawn, **kw).cpu()
+            drawn = size
+            prefix[size] = total.gather(1, cA[:, None]).squeeze(1)
+        for loss, arm in arms.items():
+            n_i = (np.full(len(xs), args.n) if loss is None else
+                   choose_sample_sizes(kA, args.n0, args.sigma, menu, args.alpha, loss))
+            nA = torch.stack([prefix[int(s)][j] for j, s in enumerate(n_i)])
+            cert = certificate_from_counts(cA, nA, n_i, args.n0, args.alpha, args.sigma)
+            arm["prediction"] += cert.prediction.tolist()
+            arm["radius"] += cert.radius.tolist()
+            arm["samples"] += cert.samples.tolist()
+        print(f"  points {start}-{start + len(xs) - 1} done", flush=True)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    passes = len(x) * (args.n0 + args.n)
+    for arm in arms.values():
+        share = sum(arm["samples"]) / passes
+        arm["wall_s"], arm["cpu_s"] = wall * share, cpu * share
+    return arms
+
+
 def sizes_only(model, x, args, device) -> None:
     """Forward passes of each adaptive setting, exactly, from the pilot draws alone (n_i depends on nothing
     else); the estimation draws are not made, so no ACR is measured."""
-    from ssmooth.certify import sample_counts
-    from ssmooth.certify.adaptive import choose_sample_sizes, default_sizes
-
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pilot = sample_counts(model, x.to(device), args.sigma, args.n0, batch_size=args.batch_size, num_classes=10,
                           generator=generator).cpu()
@@ -152,8 +198,10 @@ def sizes_only(model, x, args, device) -> None:
 
 
 def arm_key(args, loss) -> str:
-    setting = "fixed" if loss is None else f"adaptive_{loss:g}"
-    return f"{args.dataset}_n{args.n}_n0{args.n0}_a{args.alpha:g}_p{args.points}_s{args.seed}_{setting}.json"
+    setting = loss if isinstance(loss, str) else "fixed" if loss is None else f"adaptive_{loss:g}"
+    if loss == "shared":
+        setting += "_" + "_".join(f"{v:g}" for v in args.losses)
+    return f"{args.dataset}_{SETUPS[args.dataset]['model']}_n{args.n}_n0{args.n0}_a{args.alpha:g}_p{args.points}_s{args.seed}_{setting}.json"
 
 
 def table(arms: dict, labels: np.ndarray, radii: list[float]) -> tuple[str, dict]:
@@ -197,8 +245,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--independent", action="store_true",
+                        help="a separate run per arm with its own draws and measured times (default: all arms "
+                             "from one pilot and one pool of draws, the cost of one fixed-n run)")
     parser.add_argument("--arms", choices=("all", "fixed", "adaptive"), default="all",
-                        help="run only these arms (two processes can share the work); the table needs all")
+                        help="with --independent: run only these arms (two processes can share the work)")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--sizes-only", action="store_true",
                         help="pilot draws only: the exact forward passes of each setting, no ACR")
@@ -224,6 +275,15 @@ def main(argv=None) -> None:
     if args.sizes_only:
         sizes_only(model, test.images, args, device)
         return
+    if not args.independent:
+        path = args.work_dir / arm_key(args, "shared")
+        if path.is_file():
+            arms = {None if k == "fixed" else float(k): v for k, v in json.loads(path.read_text()).items()}
+        else:
+            arms = run_shared(model, test.images, args, device)
+            path.write_text(json.dumps({"fixed" if k is None else str(k): v for k, v in arms.items()}))
+        report(arms, labels, args, timing="estimated from the shared run")
+        return
     arms = {}
     for loss in [None, *args.losses]:
         path = args.work_dir / arm_key(args, loss)
@@ -239,7 +299,12 @@ def main(argv=None) -> None:
     if missing:
         print(f"arms still to run (rerun with --arms all to run them, or wait for the other process): {missing}")
         return
+    report(arms, labels, args, timing="measured per arm")
+
+
+def report(arms: dict, labels: np.ndarray, args, timing: str) -> None:
     text, summary = table(arms, labels, [0.0, 0.25, 0.5, 0.75, 1.0])
+    print(f"\nTimes: {timing}.\n")
     print(text)
     print(f"\n- load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     within = {loss: rd for loss, rd in summary.items() if loss is not None and rd[1] <= args.target_loss}

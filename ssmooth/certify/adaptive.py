@@ -155,9 +155,15 @@ def certify_adaptive(
         votes = sample_counts(model, x[members.to(x.device)], sigma_t[members], int(size), **kw).cpu()
         nA[members] = votes.gather(1, cA[members][:, None]).squeeze(1)
 
+    return certificate_from_counts(cA, nA, n_i, n0, alpha, sigma_np)
+
+
+def certificate_from_counts(cA: torch.Tensor, nA: torch.Tensor, n_i, n0: int, alpha: float, sigma) -> Certificate:
+    """CERTIFY's last step per point: Clopper-Pearson at alpha on nA of n_i estimation draws, abstain below 1/2."""
+    n_i = np.asarray(n_i, dtype=np.int64)
     pA_lower = lower_confidence_bound(nA.numpy(), n_i, alpha)
     certified = pA_lower >= 0.5
-    radius = np.where(certified, radius_from_pA(np.clip(pA_lower, 0.5, 1.0), sigma_np), 0.0)
+    radius = np.where(certified, radius_from_pA(np.clip(pA_lower, 0.5, 1.0), sigma), 0.0)
     return Certificate(
         prediction=torch.where(torch.from_numpy(certified), cA, torch.full_like(cA, ABSTAIN)),
         radius=torch.from_numpy(radius).float(),
