@@ -22,8 +22,8 @@ class Certificate:
     """Per-point result of CERTIFY. ``prediction`` is ABSTAIN and ``radius`` 0 where it abstains."""
 
     prediction: torch.Tensor  # long [B]
-    radius: torch.Tensor  # float [B]
-    pA_lower: torch.Tensor  # float [B]
+    radius: torch.Tensor  # float64 [B]: never rounded to float32, which could round a radius up
+    pA_lower: torch.Tensor  # float64 [B]
     count: torch.Tensor  # long [B], nA: votes for the selected class among the n estimation samples
 
 
@@ -119,12 +119,14 @@ def certify(
     With probability at least 1 - alpha over the sampling, for each point that is not abstained, the smoothed
     classifier g_sigma predicts ``prediction`` everywhere in the open l2 ball of radius ``radius`` around it.
     The class is chosen on n0 samples and its probability bounded on n FRESH samples, so the bound is not
-    biased by the selection.
+    biased by the selection. Each level is rounded to float32 once; the noise is drawn at that value and the
+    radius uses the same value, exactly, in float64.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if n0 < 1:
         raise ValueError(f"n0 must be >= 1, got {n0}")
+    sigma = _as_sigma(sigma, x.shape[0], _device_of(model))
     kw = dict(batch_size=batch_size, num_classes=num_classes, generator=generator,
               autocast_dtype=autocast_dtype, channels_last=channels_last)
     selection = sample_counts(model, x, sigma, n0, **kw)
@@ -132,15 +134,15 @@ def certify(
     estimation = sample_counts(model, x, sigma, n, **kw)
     nA = estimation.gather(1, cA[:, None]).squeeze(1)
 
-    sigma_np = np.broadcast_to(np.asarray(torch.as_tensor(sigma, dtype=torch.float64).cpu()), (x.shape[0],))
+    sigma_np = sigma.double().cpu().numpy()  # float32 -> float64 is exact: the sigma the noise was drawn at
     pA_lower = lower_confidence_bound(nA.cpu().numpy(), n, alpha)
     certified = pA_lower >= 0.5
     radius = np.where(certified, radius_from_pA(np.clip(pA_lower, 0.5, 1.0), sigma_np), 0.0)
     prediction = torch.where(torch.from_numpy(certified), cA.cpu(), torch.full_like(cA.cpu(), ABSTAIN))
     return Certificate(
         prediction=prediction,
-        radius=torch.from_numpy(radius).float(),
-        pA_lower=torch.from_numpy(pA_lower).float(),
+        radius=torch.from_numpy(radius),
+        pA_lower=torch.from_numpy(pA_lower),
         count=nA.cpu(),
     )
 

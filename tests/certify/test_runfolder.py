@@ -94,11 +94,14 @@ def test_overwrite_starts_afresh_and_removes_only_certification_outputs(tmp_path
     assert json.loads((tmp_path / "fingerprint.json").read_text())["n"] == 2000
 
 
+# The holder loads runfolder.py on its own (the module is standalone): importing the package would add ~8 s of
+# torch and SciPy imports to the test.
 HOLD = """
-import sys, time
-from ssmooth.certify.runfolder import fingerprint, open_run_folder
-fp = fingerprint(**{fp_kwargs})
-folder = open_run_folder(sys.argv[1], fp)
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("runfolder", sys.argv[2])
+runfolder = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runfolder)
+folder = runfolder.open_run_folder(sys.argv[1], runfolder.fingerprint(**{fp_kwargs}))
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -108,8 +111,9 @@ def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp
     kwargs = dict(checkpoint_sha256="a" * 64, dataset="mnist", split="test", subset={}, indices=[0], labels=[1], n0=1,
                   n=10, alpha=0.1, policy="constant", sigma=0.5, version="0.1.0")
     code = HOLD.replace("{fp_kwargs}", repr(kwargs))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    module = REPO / "ssmooth" / "certify" / "runfolder.py"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(module)], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FolderLocked, match=f"process {holder.pid}@"):
