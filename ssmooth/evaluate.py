@@ -140,8 +140,9 @@ def certify_model(
         clip = (1 / (2 * m), max(1 - 1 / (2 * m), cfg.alpha ** (1 / cfg.n))) \
             if cfg.selection_cap == "certifiable" else None
 
-        def selector(x, generator):
-            return select_sigma(model, x, grid, num_samples=m, labels=None, generator=generator,
+        def selector(x, streams):
+            # the "level" streams: never the draws that certification uses
+            return select_sigma(model, x, grid, num_samples=m, labels=None, streams=streams("level", len(grid) * m),
                                 batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
