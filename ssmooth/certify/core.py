@@ -28,6 +28,8 @@ class Certificate:
     radius: torch.Tensor  # float64 [B]: never rounded to float32, which could round a radius up
     pA_lower: torch.Tensor  # float64 [B]
     count: torch.Tensor  # long [B], nA: votes for the selected class among the n estimation samples
+    # long [B]: forward passes per point (n0 + estimation draws); None where every point used n0 + n
+    samples: torch.Tensor | None = None
 
 
 def _as_sigma(sigma, num_points: int, device) -> torch.Tensor:
