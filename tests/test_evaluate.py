@@ -51,7 +51,7 @@ def test_samplewise_run_writes_every_variant_and_a_sound_allocation(tmp_path):
 def test_an_allocation_violation_stops_the_run_before_results_are_written(tmp_path, monkeypatch):
     def broken(x, sigma, radius, rule):
         return Allocation(radius=np.asarray(radius) * 10 + 1, rule=rule, num_points=len(radius), num_conflicts=0,
-                          mean_ratio=1.0)
+                          mean_ratio=1.0, answered=np.asarray(radius) > 0, num_dropped=0)
 
     monkeypatch.setattr(evaluate, "allocate", broken)
     with pytest.raises(AllocationError):
