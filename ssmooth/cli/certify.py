@@ -6,10 +6,12 @@
   ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=../shared/data          # data from .npz
 
 The checkpoint carries the architecture, normalization, dataset, classes and noise policy. Re-running into
-the same folder (hydra.run.dir=...) resumes where an interrupted run stopped.
+the same folder (hydra.run.dir=...) resumes where an interrupted run stopped; a folder holding rows of another
+checkpoint or other settings is refused (certify.overwrite=true starts it afresh).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -28,7 +30,8 @@ from ssmooth.cli.common import (
 
 def run(cfg: DictConfig) -> dict:
     from ssmooth.cli.train import build_datamodule, build_model
-    from ssmooth.evaluate import certify_model
+    from ssmooth.certify.runfolder import RunFolderError, file_sha256
+    from ssmooth.evaluate import certification_points, certify_model
     from ssmooth.lit.module import load_checkpoint, model_state
 
     cert_cfg = certify_config(cfg.certify)
@@ -59,11 +62,15 @@ def run(cfg: DictConfig) -> dict:
     if cert_cfg.policy == "samplewise" and not grid:
         raise ConfigError(f"certify.policy=samplewise: checkpoint {cfg.ckpt} was trained at one level; give the "
                           "grid with certify.grid_factors=[0.5,1.0,2.0]")
-    points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
+    points = certification_points(datamodule, cert_cfg)
     output_dir = Path(cfg.output_dir)
-    summary = certify_model(model, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
-                            base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
-                            meta={**meta, "checkpoint": str(cfg.ckpt)}, device=resolve_device(cfg.device))
+    try:
+        summary = certify_model(model, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
+                                base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
+                                meta={**meta, "checkpoint": str(cfg.ckpt)}, device=resolve_device(cfg.device),
+                                checkpoint_sha256=file_sha256(cfg.ckpt))
+    except RunFolderError as err:  # another run's folder, or one in use: refused before any work
+        raise ConfigError(str(err)) from None
     report_certification(summary, output_dir)
     return summary
 
@@ -71,7 +78,13 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="certify")
 @exit_on_config_error
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    from ssmooth.evaluate import CertificationInterrupted
+
+    try:
+        run(cfg)
+    except CertificationInterrupted as err:  # Ctrl-C: one line saying what was kept, no traceback
+        print(err, file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

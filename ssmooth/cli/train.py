@@ -221,7 +221,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ssmooth.evaluate import certify_model
+    from ssmooth.certify.runfolder import RunFolderError
+    from ssmooth.evaluate import certification_points, certify_model
     from ssmooth.lit.module import SmoothingModule, load_checkpoint, model_state
 
     output_dir = Path(cfg.output_dir)
@@ -302,10 +303,13 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         if not trainer.is_global_zero or not cert_cfg.enabled:
             return None
         device = resolve_device("auto")
-        points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
+        points = certification_points(datamodule, cert_cfg)
         grid = getattr(noise, "grid", None)  # used only when the certify policy is sample-wise
-        summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
-                                base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
+        try:  # the trained weights are fingerprinted by their state_dict
+            summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
+                                    base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
+        except RunFolderError as err:
+            raise ConfigError(str(err)) from None
         report_certification(summary, output_dir)
         from ssmooth.lit.logging import log_certification
 
