@@ -17,6 +17,7 @@ from torch import nn
 
 from ssmooth import report
 from ssmooth.certify.allocation import allocate, verify_allocation
+from ssmooth.certify.distributed import finish_part, fingerprint, merge_parts, part_positions, start_part
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points
 from ssmooth.certify.stats import require_useful_sample_size
@@ -57,6 +58,12 @@ class CertifyConfig:
     compile: bool = False  # torch.compile the model: pays off on long runs; the first call compiles
     seed: int = 0
     progress: bool = True
+    # Independent jobs (a SLURM array): job K of N certifies the points at positions K, K + N, ... of the subset
+    # into its own folder; a last job with merge=true and shard_dirs=[...] merges, allocates and summarizes.
+    num_shards: int = 1
+    shard: int = 0
+    merge: bool = False
+    shard_dirs: list[str] | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the key and value of the first bad setting."""
@@ -80,6 +87,13 @@ class CertifyConfig:
             ("certify.selection_cap", self.selection_cap, self.selection_cap in ("certifiable", "draws"),
              "must be 'certifiable' or 'draws'"),
             ("certify.autocast", self.autocast, self.autocast in AUTOCAST, f"must be one of {list(AUTOCAST)}"),
+            ("certify.num_shards", self.num_shards, self.num_shards >= 1, "must be >= 1"),
+            ("certify.shard", self.shard, 0 <= self.shard < self.num_shards,
+             f"must be in 0..{self.num_shards - 1} (certify.num_shards={self.num_shards})"),
+            ("certify.shard_dirs", self.shard_dirs, not self.merge or bool(self.shard_dirs),
+             "must list the shard folders to merge (certify.merge=true)"),
+            ("certify.merge", self.merge, not (self.merge and self.num_shards > 1),
+             "merges shards: run it without certify.num_shards"),
         ]
         for key, value, ok, why in checks:
             if not ok:
@@ -99,10 +113,14 @@ def certify_model(
     dataset: str = "",
     meta: dict | None = None,
     device: torch.device | str = "cpu",
+    rows_only: bool = False,
+    bar: dict | None = None,
 ) -> dict:
     """Certify ``points`` (items ``(x, y, index)``) and write rows + ``summary.json`` into ``out_dir``.
 
-    Re-running into the same folder resumes every TSV where it stopped. Returns the summary.
+    Re-running into the same folder resumes every TSV where it stopped. Returns the summary. With
+    ``rows_only`` (one part of a distributed run) it writes the per-point rows and stops before the allocation,
+    returning ``{"files": [row files]}``; ``bar`` holds extra tqdm settings (a rank's position and name).
     """
     cfg.validate()
     if cfg.policy is None:
@@ -124,7 +142,9 @@ def certify_model(
     variants: dict[str, dict] = {}
 
     constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")
-    _run(model, points, constant_path, ROW_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg)
+    _run(model, points, constant_path, ROW_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg, bar=bar)
+    if rows_only and cfg.policy == "constant":
+        return {"files": [constant_path.name]}
     constant_rows = read_rows(constant_path)
     variants["constant"] = {**report.summarize_rows(constant_rows, radii), "sound": True, "sigma": sigma0}
     main = "constant"
@@ -146,7 +166,10 @@ def certify_model(
                                 batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
-        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=selector, common=common, label="sample-wise", cfg=cfg)
+        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=selector, common=common, label="sample-wise", cfg=cfg,
+             bar=bar)
+        if rows_only:
+            return {"files": [constant_path.name, raw_path.name]}
         raw = read_rows(raw_path)
         variants["samplewise_raw"] = {**report.summarize_rows(raw, radii), "sound": False,
                                       "note": "unallocated radii: an upper bound, not a certificate"}
@@ -197,18 +220,82 @@ def certify_model(
     return summary
 
 
-def _run(model, points, path, columns, *, sigma, common, label, cfg) -> None:
+def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None) -> None:
     with RowWriter(path, columns) as writer:
         remaining = sum(1 for i in range(len(points)) if int(points[i][2]) not in writer.done)
         if remaining == 0:
             return
-        bar = None
+        progress = None
         if cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(points), initial=len(points) - remaining, desc=f"certify ({label})", unit="pt")
+            settings = {"desc": "certify", **(bar or {})}
+            settings["desc"] += f" ({label})"
+            progress = tqdm(total=len(points), initial=len(points) - remaining, unit="pt", **settings)
         try:
-            certify_points(model, points, writer, sigma=sigma, progress=bar.update if bar else None, **common)
+            certify_points(model, points, writer, sigma=sigma, progress=progress.update if progress else None,
+                           **common)
         finally:
-            if bar is not None:
-                bar.close()
+            if progress is not None:
+                progress.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Certification spread over ranks (one process per GPU, any number of nodes) or independent jobs (shards): what
+# runs where is in ssmooth/certify/distributed.py; these functions only wire it to certify_model.
+
+
+def dataset_indices(points) -> list[int]:
+    """The dataset index of every item, without loading the items where the dataset keeps them in a tensor."""
+    if hasattr(points, "indices"):
+        return [int(i) for i in points.indices]
+    return [int(points[i][2]) for i in range(len(points))]
+
+
+def rows_fingerprint(model: nn.Module, cfg: CertifyConfig, *, base_sigma: float, grid, dataset: str,
+                     device) -> dict:
+    """Everything that decides the rows of a part: two parts merge only if these are equal."""
+    policy = cfg.policy or ("samplewise" if grid else "constant")
+    settings = {"dataset": dataset, "split": cfg.split, "skip": cfg.skip, "max": cfg.max, "start": cfg.start,
+                "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "policy": policy,
+                "sigma": float(cfg.sigma if cfg.sigma is not None else base_sigma), "seed": cfg.seed,
+                "autocast": cfg.autocast, "noise_device": torch.device(device).type}
+    if policy == "samplewise":
+        settings.update(grid=sorted(float(s) for s in grid or []), selection_samples=cfg.selection_samples,
+                        soft_selection=cfg.soft_selection, selection_cap=cfg.selection_cap)
+    return fingerprint(model, settings)
+
+
+def certify_part(model: nn.Module, points, folder: str | Path, cfg: CertifyConfig, *, part: int, num_parts: int,
+                 fp: dict, **kw) -> None:
+    """Certify part ``part`` of ``num_parts`` of ``points`` into ``folder`` (rows and part.json; resumable)."""
+    folder = Path(folder)
+    share = points.subset(part_positions(len(points), num_parts, part))
+    start_part(folder, part=part, num_parts=num_parts, indices=dataset_indices(share), fp=fp)
+    done = certify_model(model, share, folder, cfg, rows_only=True, **kw)
+    finish_part(folder, done["files"])
+
+
+def merge_and_summarize(model: nn.Module, points, out_dir: str | Path, cfg: CertifyConfig, part_dirs, *, fp: dict,
+                        **kw) -> dict:
+    """Merge the parts into ``out_dir``, then allocate once over ALL points, verify and summarize."""
+    merge_parts(part_dirs, out_dir, fp, dataset_indices(points))
+    return certify_model(model, points, out_dir, cfg, **kw)  # every row is there: nothing is certified again
+
+
+def certify_on_ranks(model: nn.Module, points, out_dir: str | Path, cfg: CertifyConfig, *, rank: int,
+                     world_size: int, barrier, **kw) -> dict | None:
+    """Collective: every rank calls it. Rank r certifies part r into ``out_dir/parts/rank<r>``; after a barrier,
+    rank 0 merges the parts, allocates, verifies and writes the summary (returned; None on other ranks).
+    ``out_dir`` must be on a filesystem every rank sees. One process (world_size 1) is plain certify_model."""
+    if world_size == 1:
+        return certify_model(model, points, out_dir, cfg, **kw)
+    fp = rows_fingerprint(model, cfg, base_sigma=kw["base_sigma"], grid=kw.get("grid"), dataset=kw.get("dataset", ""),
+                          device=kw.get("device", "cpu"))
+    parts = [Path(out_dir) / "parts" / f"rank{r}" for r in range(world_size)]
+    bar = {"desc": f"rank {rank}/{world_size} certify", "position": rank}
+    certify_part(model, points, parts[rank], cfg, part=rank, num_parts=world_size, fp=fp, bar=bar, **kw)
+    barrier()
+    if rank != 0:
+        return None
+    return merge_and_summarize(model, points, out_dir, cfg, parts, fp=fp, **kw)

@@ -5,6 +5,14 @@
   ssmooth-certify ckpt=PATH certify.policy=samplewise certify.allocation=lp             # per-point levels
   ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=../shared/data          # data from .npz
 
+Many devices and cluster jobs (docs/DISTRIBUTED.md): every point draws its noise from its own streams, so
+these give the same rows as one process.
+
+  ssmooth-certify ckpt=PATH distributed=ddp distributed.devices=8                # one process per GPU
+  ssmooth-certify ckpt=PATH distributed=ddp distributed.devices=8 distributed.num_nodes=2   # on each node
+  ssmooth-certify ckpt=PATH certify.num_shards=4 certify.shard=0 hydra.run.dir=shards/0   # one job of four
+  ssmooth-certify ckpt=PATH certify.merge=true certify.shard_dirs=[shards/0,shards/1,shards/2,shards/3]
+
 The checkpoint carries the architecture, normalization, dataset, classes and noise policy. Re-running into
 the same folder (hydra.run.dir=...) resumes where an interrupted run stopped.
 """
@@ -26,12 +34,43 @@ from ssmooth.cli.common import (
 )
 
 
-def run(cfg: DictConfig) -> dict:
+def launch(dist) -> tuple[int, int, object, object]:
+    """Start the processes ``distributed`` asks for: (rank, world size, barrier, device) of this process.
+
+    Lightning Fabric starts one process per device here (re-running this command with the rank set), or takes
+    the ranks that SLURM (srun) or torchrun started. The ranks only wait for each other at one barrier, so gloo
+    serves GPUs and CPUs alike."""
+    from datetime import timedelta
+
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(hours=float(dist.timeout_hours)))
+    fabric = Fabric(accelerator=dist.accelerator, devices=dist.devices, num_nodes=dist.num_nodes, strategy=strategy)
+    fabric.launch()
+    return fabric.global_rank, fabric.world_size, fabric.barrier, fabric.device
+
+
+def check_distributed(dist, cert_cfg) -> None:
+    if dist.strategy not in ("none", "ddp"):
+        raise ConfigError(f"distributed.strategy={dist.strategy!r} must be 'none' or 'ddp'")
+    if dist.num_nodes < 1:
+        raise ConfigError(f"distributed.num_nodes={dist.num_nodes!r} must be >= 1")
+    if not (dist.devices == -1 or (isinstance(dist.devices, int) and dist.devices >= 1)):
+        raise ConfigError(f"distributed.devices={dist.devices!r} must be >= 1, or -1 for every GPU")
+    if dist.strategy == "ddp" and (cert_cfg.num_shards > 1 or cert_cfg.merge):
+        raise ConfigError("certify.num_shards / certify.merge split the work into independent jobs: run each job "
+                          "with distributed=none")
+
+
+def run(cfg: DictConfig) -> dict | None:
     from ssmooth.cli.train import build_datamodule, build_model
-    from ssmooth.evaluate import certify_model
+    from ssmooth.certify.distributed import MergeError
+    from ssmooth.evaluate import certify_on_ranks, certify_part, merge_and_summarize, rows_fingerprint
     from ssmooth.lit.module import load_checkpoint, model_state
 
     cert_cfg = certify_config(cfg.certify)
+    check_distributed(cfg.distributed, cert_cfg)
     try:
         meta, state = load_checkpoint(cfg.ckpt)
     except (FileNotFoundError, ValueError) as err:
@@ -61,10 +100,31 @@ def run(cfg: DictConfig) -> dict:
                           "grid with certify.grid_factors=[0.5,1.0,2.0]")
     points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
     output_dir = Path(cfg.output_dir)
-    summary = certify_model(model, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
-                            base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
-                            meta={**meta, "checkpoint": str(cfg.ckpt)}, device=resolve_device(cfg.device))
-    report_certification(summary, output_dir)
+    rank, world_size, barrier, device = 0, 1, None, resolve_device(cfg.device)
+    if cfg.distributed.strategy == "ddp":
+        rank, world_size, barrier, device = launch(cfg.distributed)
+    kw = dict(num_classes=datamodule.info.num_classes, base_sigma=noise["sigma"], grid=grid,
+              dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device)
+    try:
+        if cert_cfg.num_shards > 1 or cert_cfg.merge:
+            fp = rows_fingerprint(model, cert_cfg, base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
+                                  device=device)
+            if cert_cfg.merge:
+                summary = merge_and_summarize(model, points, output_dir, cert_cfg, cert_cfg.shard_dirs, fp=fp, **kw)
+            else:
+                bar = {"desc": f"shard {cert_cfg.shard}/{cert_cfg.num_shards} certify"}
+                certify_part(model, points, output_dir, cert_cfg, part=cert_cfg.shard,
+                             num_parts=cert_cfg.num_shards, fp=fp, bar=bar, **kw)
+                print(f"shard {cert_cfg.shard} of {cert_cfg.num_shards} complete: {output_dir}\n"
+                      "merge all shards with certify.merge=true certify.shard_dirs=[FOLDER,...]")
+                return None
+        else:
+            summary = certify_on_ranks(model, points, output_dir, cert_cfg, rank=rank, world_size=world_size,
+                                       barrier=barrier, **kw)
+    except MergeError as err:
+        raise ConfigError(str(err)) from None
+    if summary is not None:  # rank 0
+        report_certification(summary, output_dir)
     return summary
 
 

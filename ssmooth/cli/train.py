@@ -24,7 +24,6 @@ from ssmooth.cli.common import (
     exit_on_config_error,
     plain,
     report_certification,
-    resolve_device,
 )
 
 STAGES = ("pretrain", "finetune", "pipeline")
@@ -221,7 +220,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ssmooth.evaluate import certify_model
+    from ssmooth.evaluate import certify_on_ranks
     from ssmooth.lit.module import SmoothingModule, load_checkpoint, model_state
 
     output_dir = Path(cfg.output_dir)
@@ -299,13 +298,17 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         logger.log_hyperparams(plain(cfg))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.ckpt_path, output_dir))
-        if not trainer.is_global_zero or not cert_cfg.enabled:
+        if not cert_cfg.enabled:
             return None
-        device = resolve_device("auto")
         points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
         grid = getattr(noise, "grid", None)  # used only when the certify policy is sample-wise
-        summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
-                                base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
+        # Every rank certifies its share of the points; rank 0 merges, allocates and summarizes.
+        summary = certify_on_ranks(module.model, points, output_dir, cert_cfg, rank=trainer.global_rank,
+                                   world_size=trainer.world_size, barrier=trainer.strategy.barrier,
+                                   num_classes=info.num_classes, base_sigma=noise.sigma, grid=grid,
+                                   dataset=info.name, meta=meta, device=trainer.strategy.root_device)
+        if not trainer.is_global_zero:
+            return None
         report_certification(summary, output_dir)
         from ssmooth.lit.logging import log_certification
 
