@@ -307,3 +307,27 @@ def test_two_processes_and_two_shards_give_the_rows_of_one_process(tmp_path):
     ranks = [pd.read_csv(out / "parts" / f"rank{r}" / "certify.tsv", sep="\t")["idx"].tolist() for r in (0, 1)]
     assert ranks == [reference["idx"].tolist()[0::2], reference["idx"].tolist()[1::2]]  # both ranks did work
     assert json.loads((out / "summary.json").read_text())["variants"] == one["variants"]
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_ddp_training_certifies_on_every_rank_with_the_rows_of_one_process(tmp_path):
+    # strategy=ddp re-runs the command in a second process, which certifies its half after fit (ddp_fork would
+    # return to one process after fit).
+    out = tmp_path / "ddp"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+           "trainer.sync_batchnorm=false", "certify.max=6", "certify.n=200"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ssmooth.cli.train", *TINY, *ddp, f"hydra.run.dir={out}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parts = out / "parts"
+    assert [len(pd.read_csv(parts / f"rank{r}" / "certify.tsv", sep="\t")) for r in (0, 1)] == [3, 3]
+    alone = certify_cli.run(compose_cfg("certify", [f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+                                                    f"output_dir={tmp_path / 'one'}", "certify.max=6",
+                                                    "certify.n=200", "certify.n0=8", "certify.batch_size=64",
+                                                    "certify.progress=false"]))
+    columns = ["idx", "predict", "radius", "sigma"]
+    rows = pd.read_csv(out / "certify.tsv", sep="\t")[columns]
+    assert rows.equals(pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[columns])
+    assert json.loads((out / "summary.json").read_text())["variants"] == alone["variants"]

@@ -34,12 +34,12 @@ from ssmooth.cli.common import (
 )
 
 
-def launch(dist) -> tuple[int, int, object, object]:
-    """Start the processes ``distributed`` asks for: (rank, world size, barrier, device) of this process.
+def launch(dist):
+    """Start the processes ``distributed`` asks for; returns Lightning Fabric (rank, world size, barrier, device).
 
-    Lightning Fabric starts one process per device here (re-running this command with the rank set), or takes
-    the ranks that SLURM (srun) or torchrun started. The ranks only wait for each other at one barrier, so gloo
-    serves GPUs and CPUs alike."""
+    Fabric starts one process per device here (re-running this command with the rank set), or takes the ranks
+    that SLURM (srun) or torchrun started. The ranks only wait for each other at one barrier, so gloo serves
+    GPUs and CPUs alike."""
     from datetime import timedelta
 
     from lightning.fabric import Fabric
@@ -48,7 +48,14 @@ def launch(dist) -> tuple[int, int, object, object]:
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(hours=float(dist.timeout_hours)))
     fabric = Fabric(accelerator=dist.accelerator, devices=dist.devices, num_nodes=dist.num_nodes, strategy=strategy)
     fabric.launch()
-    return fabric.global_rank, fabric.world_size, fabric.barrier, fabric.device
+    return fabric
+
+
+def stop_children(fabric) -> None:
+    """Rank 0 failed: stop the processes it started, which would otherwise wait at the barrier until the
+    timeout (Fabric stops everything when a child fails, but not when the launching process does)."""
+    for proc in getattr(getattr(fabric.strategy, "launcher", None), "procs", []):
+        proc.terminate()
 
 
 def check_distributed(dist, cert_cfg) -> None:
@@ -100,9 +107,16 @@ def run(cfg: DictConfig) -> dict | None:
                           "grid with certify.grid_factors=[0.5,1.0,2.0]")
     points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
     output_dir = Path(cfg.output_dir)
-    rank, world_size, barrier, device = 0, 1, None, resolve_device(cfg.device)
+    rank, world_size, barrier, device, fabric = 0, 1, None, resolve_device(cfg.device), None
     if cfg.distributed.strategy == "ddp":
-        rank, world_size, barrier, device = launch(cfg.distributed)
+        fabric = launch(cfg.distributed)
+        rank, world_size, barrier, device = fabric.global_rank, fabric.world_size, fabric.barrier, fabric.device
+        # Every rank writes into rank 0's run folder: processes that SLURM or torchrun started on several nodes
+        # each make their own folder unless told the same one.
+        root = fabric.broadcast(str(output_dir.resolve()), src=0)
+        if root != str(output_dir.resolve()):
+            raise ConfigError(f"rank {rank} runs in {output_dir}, rank 0 in {root}: give every node the same "
+                              "hydra.run.dir=... on a filesystem they share")
     kw = dict(num_classes=datamodule.info.num_classes, base_sigma=noise["sigma"], grid=grid,
               dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device)
     try:
@@ -122,7 +136,13 @@ def run(cfg: DictConfig) -> dict | None:
             summary = certify_on_ranks(model, points, output_dir, cert_cfg, rank=rank, world_size=world_size,
                                        barrier=barrier, **kw)
     except MergeError as err:
+        if fabric is not None:
+            stop_children(fabric)
         raise ConfigError(str(err)) from None
+    except BaseException:
+        if fabric is not None:
+            stop_children(fabric)
+        raise
     if summary is not None:  # rank 0
         report_certification(summary, output_dir)
     return summary

@@ -302,9 +302,14 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
             return None
         points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
         grid = getattr(noise, "grid", None)  # used only when the certify policy is sample-wise
-        # Every rank certifies its share of the points; rank 0 merges, allocates and summarizes.
-        summary = certify_on_ranks(module.model, points, output_dir, cert_cfg, rank=trainer.global_rank,
-                                   world_size=trainer.world_size, barrier=trainer.strategy.barrier,
+        # Under DDP every rank certifies its share of the points; rank 0 merges, allocates and summarizes.
+        # (ddp_fork/ddp_spawn run only fit in their processes: here the launching process is alone.)
+        import torch.distributed as dist
+
+        ranks = dist.is_available() and dist.is_initialized()
+        summary = certify_on_ranks(module.model, points, output_dir, cert_cfg,
+                                   rank=trainer.global_rank if ranks else 0,
+                                   world_size=trainer.world_size if ranks else 1, barrier=trainer.strategy.barrier,
                                    num_classes=info.num_classes, base_sigma=noise.sigma, grid=grid,
                                    dataset=info.name, meta=meta, device=trainer.strategy.root_device)
         if not trainer.is_global_zero:
