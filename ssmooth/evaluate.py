@@ -63,7 +63,7 @@ class CertifyConfig:
     num_shards: int = 1
     shard: int = 0
     merge: bool = False
-    shard_dirs: list[str] | None = None
+    shard_dirs: list[str] | str | None = None  # the shard folders, or one glob pattern
 
     def validate(self) -> None:
         """Raise ValueError naming the key and value of the first bad setting."""

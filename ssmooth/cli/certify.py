@@ -12,6 +12,7 @@ these give the same rows as one process.
   ssmooth-certify ckpt=PATH distributed=ddp distributed.devices=8 distributed.num_nodes=2   # on each node
   ssmooth-certify ckpt=PATH certify.num_shards=4 certify.shard=0 hydra.run.dir=shards/0   # one job of four
   ssmooth-certify ckpt=PATH certify.merge=true certify.shard_dirs=[shards/0,shards/1,shards/2,shards/3]
+  ssmooth-certify ckpt=PATH certify.merge=true 'certify.shard_dirs="shards/*"'          # the same, a pattern
 
 The checkpoint carries the architecture, normalization, dataset, classes and noise policy. Re-running into
 the same folder (hydra.run.dir=...) resumes where an interrupted run stopped.
@@ -70,6 +71,18 @@ def check_distributed(dist, cert_cfg) -> None:
                           "with distributed=none")
 
 
+def shard_folders(shard_dirs) -> list[str]:
+    """``certify.shard_dirs``: a list of folders, or one glob pattern (``outputs/sweeps/RUN/*``)."""
+    if isinstance(shard_dirs, str):
+        import glob
+
+        found = sorted(glob.glob(shard_dirs))
+        if not found:
+            raise ConfigError(f"certify.shard_dirs={shard_dirs!r} matches no folder")
+        return found
+    return [str(d) for d in shard_dirs]
+
+
 def run(cfg: DictConfig) -> dict | None:
     from ssmooth.cli.train import build_datamodule, build_model
     from ssmooth.certify.distributed import MergeError
@@ -124,7 +137,8 @@ def run(cfg: DictConfig) -> dict | None:
             fp = rows_fingerprint(model, cert_cfg, base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
                                   device=device)
             if cert_cfg.merge:
-                summary = merge_and_summarize(model, points, output_dir, cert_cfg, cert_cfg.shard_dirs, fp=fp, **kw)
+                summary = merge_and_summarize(model, points, output_dir, cert_cfg, shard_folders(cert_cfg.shard_dirs),
+                                              fp=fp, **kw)
             else:
                 bar = {"desc": f"shard {cert_cfg.shard}/{cert_cfg.num_shards} certify"}
                 certify_part(model, points, output_dir, cert_cfg, part=cert_cfg.shard,

@@ -1,4 +1,5 @@
 """Certification split over ranks or shards gives the rows of one process; a bad part is refused at merge."""
+import io
 import json
 import shutil
 import threading
@@ -166,6 +167,15 @@ def test_a_shard_resumed_with_other_settings_is_refused(tmp_path):
     fp = rows_fingerprint(net, cfg, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
     certify_part(net, data, tmp_path, cfg, part=0, num_parts=2, fp=fp, **KW)
     assert read_record(tmp_path)["indices"] == [200, 206, 212]
+    finished = (tmp_path / "certify.tsv").read_text()
+    # killed after its first row: the record says incomplete, the second row is torn
+    record = read_record(tmp_path)
+    (tmp_path / "part.json").write_text(json.dumps({**record, "complete": False}))
+    (tmp_path / "certify.tsv").write_text("".join(finished.splitlines(keepends=True)[:2]) + "206\t1")
+    certify_part(net, data, tmp_path, cfg, part=0, num_parts=2, fp=fp, **KW)
+    assert read_record(tmp_path)["complete"]
+    resumed = pd.read_csv(tmp_path / "certify.tsv", sep="\t")[COLUMNS]
+    assert resumed.equals(pd.read_csv(io.StringIO(finished), sep="\t")[COLUMNS])
     changed = config(policy="constant", num_shards=2, shard=0, n=400)
     fp2 = rows_fingerprint(net, changed, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
     with pytest.raises(MergeError, match="n=300"):
