@@ -25,9 +25,11 @@ class Certificate:
     """Per-point result of CERTIFY. ``prediction`` is ABSTAIN and ``radius`` 0 where it abstains."""
 
     prediction: torch.Tensor  # long [B]
-    radius: torch.Tensor  # float [B]
-    pA_lower: torch.Tensor  # float [B]
+    radius: torch.Tensor  # float64 [B]: never rounded to float32, which could round a radius up
+    pA_lower: torch.Tensor  # float64 [B]
     count: torch.Tensor  # long [B], nA: votes for the selected class among the n estimation samples
+    # long [B]: forward passes per point (n0 + estimation draws); None where every point used n0 + n
+    samples: torch.Tensor | None = None
 
 
 def _as_sigma(sigma, num_points: int, device) -> torch.Tensor:
@@ -155,7 +157,8 @@ def certify(
     With probability at least 1 - alpha over the sampling, for each point that is not abstained, the smoothed
     classifier g_sigma predicts ``prediction`` everywhere in the open l2 ball of radius ``radius`` around it.
     The class is chosen on n0 samples and its probability bounded on n FRESH samples, so the bound is not
-    biased by the selection.
+    biased by the selection. Each level is rounded to float32 once; the noise is drawn at that value and the
+    radius uses the same value, exactly, in float64.
 
     Noise: with ``indices`` (the dataset index of every point) and ``seed``, point i's selection and estimation
     draws come from its own streams (``ssmooth.certify.streams``), so its result does not depend on which other
@@ -165,9 +168,10 @@ def certify(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if n0 < 1:
         raise ValueError(f"n0 must be >= 1, got {n0}")
+    device = _device_of(model)
+    sigma = _as_sigma(sigma, x.shape[0], device)
     kw = dict(batch_size=batch_size, num_classes=num_classes, autocast_dtype=autocast_dtype,
               channels_last=channels_last)
-    device = _device_of(model)
     selection = sample_counts(model, x, sigma, n0, **kw,
                               **_noise_source(x, generator, seed, indices, "selection", n0, device))
     cA = selection.argmax(dim=1)
@@ -175,15 +179,15 @@ def certify(
                                **_noise_source(x, generator, seed, indices, "estimation", n, device))
     nA = estimation.gather(1, cA[:, None]).squeeze(1)
 
-    sigma_np = np.broadcast_to(np.asarray(torch.as_tensor(sigma, dtype=torch.float64).cpu()), (x.shape[0],))
+    sigma_np = sigma.double().cpu().numpy()  # float32 -> float64 is exact: the sigma the noise was drawn at
     pA_lower = lower_confidence_bound(nA.cpu().numpy(), n, alpha)
     certified = pA_lower >= 0.5
     radius = np.where(certified, radius_from_pA(np.clip(pA_lower, 0.5, 1.0), sigma_np), 0.0)
     prediction = torch.where(torch.from_numpy(certified), cA.cpu(), torch.full_like(cA.cpu(), ABSTAIN))
     return Certificate(
         prediction=prediction,
-        radius=torch.from_numpy(radius).float(),
-        pA_lower=torch.from_numpy(pA_lower).float(),
+        radius=torch.from_numpy(radius),
+        pA_lower=torch.from_numpy(pA_lower),
         count=nA.cpu(),
     )
 
