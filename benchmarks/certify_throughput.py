@@ -346,6 +346,29 @@ def throughput_section(args, model, device, mode: Mode) -> str:
     return "\n".join(out)
 
 
+def streams_section(args, model, device, mode: Mode) -> str:
+    """What per-point noise streams cost: (b) against (b1), the same certify call drawing from one generator."""
+    shape = MODELS[args.model][2]
+    x = torch.rand((args.points, *shape), generator=torch.Generator(device=device).manual_seed(1), device=device)
+    samples = args.points * (args.n0 + args.n)
+    small_n = warm_n(args.n, args.batch_size)
+    runs = {key: (ssmooth_certify(model, x, args.n0, args.n, args.batch_size, mode, device, streams=streams),
+                  samples, ssmooth_certify(model, x, args.n0, small_n, args.batch_size, mode, device, streams=streams))
+            for key, streams in (("b", True), ("b1", False))}
+    rates = measure(runs, args.repeats, device)
+    best = {k: max(v) for k, v in rates.items()}
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out = [f"### Per-point noise streams: {args.model}, {device.type}, batch {args.batch_size}, n0 = {args.n0}, "
+           f"n = {args.n:,}, {args.points} points, {args.repeats} interleaved repeats", "",
+           "| what | best noisy samples/s | median | range |", "|---|---|---|---|"]
+    for key, label in (("b", "(b) per-point streams"), ("b1", "(b1) one shared generator (before)")):
+        median, spread = fmt_rate(rates[key])
+        out.append(f"| {label} | {best[key]:,.0f} | {median} | {spread} |")
+    out += ["", f"b/b1: best {best['b'] / best['b1']:.3f}, median {med['b'] / med['b1']:.3f}, per repeat "
+            + ", ".join(f"{b / b1:.3f}" for b, b1 in zip(rates["b"], rates["b1"])) + " (target >= 0.97)", ""]
+    return "\n".join(out)
+
+
 def forward_modes_section(args, model, device) -> str:
     """What each option buys over a plain forward (no_grad, fp32, contiguous), at --batch-size."""
     shape = MODELS[args.model][2]
@@ -533,6 +556,8 @@ def parse_args(argv=None):
                    help="n values for the memory table (default 10^4 10^5, a ResNet on a CPU 10^3 10^4; "
                    "empty: skip)")
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "forward", "memory", "selection"])
+    p.add_argument("--streams-only", action="store_true",
+                   help="only (b) per-point noise streams against (b1) one shared generator, interleaved")
     p.add_argument("--quick", action="store_true", help="tiny settings to check the script runs (~1 min on a CPU)")
     p.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -571,6 +596,10 @@ def main(argv=None) -> None:
     print(machine_header(args, device))
     if args.quick:
         print("**--quick: settings too small for the numbers to mean anything; use it to check the script runs.**\n")
+    if args.streams_only:
+        print(streams_section(args, model, device, mode))
+        print(f"load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        return
     sections = [
         ("throughput", lambda: throughput_section(args, model, device, mode)),
         ("forward", lambda: forward_modes_section(args, model, device)),

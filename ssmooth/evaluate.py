@@ -22,6 +22,7 @@ from torch import nn
 
 from ssmooth import report
 from ssmooth.certify.allocation import allocate, verify_allocation
+from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points
 from ssmooth.certify.runfolder import fingerprint, open_run_folder, state_dict_sha256
@@ -64,6 +65,12 @@ class CertifyConfig:
     seed: int = 0
     progress: bool = True
     overwrite: bool = False  # a folder holding rows of other settings is started afresh instead of refused
+    # Independent jobs (a SLURM array): job K of N certifies the points at positions K, K + N, ... of the subset
+    # into its own folder; a last job with merge=true and shard_dirs=[...] merges, allocates and summarizes.
+    num_shards: int = 1
+    shard: int = 0
+    merge: bool = False
+    shard_dirs: list[str] | str | None = None  # the shard folders, or one glob pattern
 
     def validate(self) -> None:
         """Raise ValueError naming the key and value of the first bad setting."""
@@ -87,6 +94,13 @@ class CertifyConfig:
             ("certify.selection_cap", self.selection_cap, self.selection_cap in ("certifiable", "draws"),
              "must be 'certifiable' or 'draws'"),
             ("certify.autocast", self.autocast, self.autocast in AUTOCAST, f"must be one of {list(AUTOCAST)}"),
+            ("certify.num_shards", self.num_shards, self.num_shards >= 1, "must be >= 1"),
+            ("certify.shard", self.shard, 0 <= self.shard < self.num_shards,
+             f"must be in 0..{self.num_shards - 1} (certify.num_shards={self.num_shards})"),
+            ("certify.shard_dirs", self.shard_dirs, not self.merge or bool(self.shard_dirs),
+             "must list the shard folders to merge (certify.merge=true)"),
+            ("certify.merge", self.merge, not (self.merge and self.num_shards > 1),
+             "merges shards: run it without certify.num_shards"),
         ]
         for key, value, ok, why in checks:
             if not ok:
@@ -149,6 +163,9 @@ def certify_model(
     meta: dict | None = None,
     device: torch.device | str = "cpu",
     checkpoint_sha256: str | None = None,
+    rows_only: bool = False,
+    merge_from: Sequence[str | Path] | None = None,
+    bar: dict | None = None,
 ) -> dict:
     """Certify ``points`` (items ``(x, y, index)``) and write rows + ``summary.json`` into ``out_dir``.
 
@@ -157,20 +174,24 @@ def certify_model(
     fingerprint resumes every TSV where it stopped; another fingerprint raises FingerprintMismatch, a second
     process FolderLocked (both RunFolderError), before any work. Ctrl-C raises CertificationInterrupted.
     Returns the summary.
+
+    Distributed runs: with ``rows_only`` (one part) it writes the per-point rows and stops before the
+    allocation, returning ``{"files": [row files]}``; with ``merge_from`` (the part folders) it first merges
+    their rows into ``out_dir``, under its lock, so nothing is certified again. ``bar``: extra tqdm settings.
     """
-    cfg.validate()
-    if cfg.policy is None:
-        cfg = replace(cfg, policy="samplewise" if grid else "constant")
-    if cfg.policy == "samplewise" and not grid:
-        raise ValueError("certify.policy=samplewise needs a grid of levels (noise.grid_factors or certify.grid_factors)")
+    cfg = _resolved(cfg, grid)
     out = Path(out_dir)
     sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
     fp = run_fingerprint(cfg, points, dataset=dataset, sigma=sigma0, grid=grid,
                          checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model))
+    if merge_from is not None:  # a bad part is refused before this folder is touched
+        merge_parts(merge_from, None, fp, _indices(points))
     with open_run_folder(out, fp, overwrite=cfg.overwrite):
+        if merge_from is not None:
+            merge_parts(merge_from, out, fp, _indices(points))
         try:
             return _certify_locked(model, points, out, cfg, fp, num_classes=num_classes, sigma0=sigma0, grid=grid,
-                                   dataset=dataset, meta=meta, device=device)
+                                   dataset=dataset, meta=meta, device=device, rows_only=rows_only, bar=bar)
         except CertificationInterrupted:
             raise
         except KeyboardInterrupt:
@@ -179,8 +200,18 @@ def certify_model(
             ) from None
 
 
+def _resolved(cfg: CertifyConfig, grid) -> CertifyConfig:
+    """``cfg`` validated, with the policy decided (sample-wise when the model was trained with a grid)."""
+    cfg.validate()
+    if cfg.policy is None:
+        cfg = replace(cfg, policy="samplewise" if grid else "constant")
+    if cfg.policy == "samplewise" and not grid:
+        raise ValueError("certify.policy=samplewise needs a grid of levels (noise.grid_factors or certify.grid_factors)")
+    return cfg
+
+
 def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, num_classes, sigma0, grid, dataset,
-                    meta, device) -> dict:
+                    meta, device, rows_only=False, bar=None) -> dict:
     began = time.perf_counter()
     requested = _indices(points)
     model = model.to(device)  # certify and select_sigma switch to eval mode themselves and switch back
@@ -196,7 +227,9 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
     variants: dict[str, dict] = {}
 
     constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")
-    _run(model, points, constant_path, ROW_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg)
+    _run(model, points, constant_path, ROW_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg, bar=bar)
+    if rows_only and cfg.policy == "constant":
+        return {"files": [constant_path.name]}
     constant_rows = _requested_rows(constant_path, requested)
     variants["constant"] = {**report.summarize_rows(constant_rows, radii), "sound": True, "sigma": sigma0}
     main = "constant"
@@ -216,7 +249,10 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
                                 batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
-        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=selector, common=common, label="sample-wise", cfg=cfg)
+        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=selector, common=common, label="sample-wise", cfg=cfg,
+             bar=bar)
+        if rows_only:
+            return {"files": [constant_path.name, raw_path.name]}
         raw = _requested_rows(raw_path, requested)
         variants["samplewise_raw"] = {**report.summarize_rows(raw, radii), "sound": False,
                                       "note": "unallocated radii: an upper bound, not a certificate"}
@@ -284,23 +320,62 @@ def _requested_rows(path: Path, requested: list[int]):
     return rows
 
 
-def _run(model, points, path, columns, *, sigma, common, label, cfg) -> None:
+def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None) -> None:
     requested = set(_indices(points))
     with RowWriter(path, columns) as writer:
         remaining = len(requested - writer.done)
         if remaining == 0:
             return
-        bar = None
+        progress = None
         if cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(points), initial=len(points) - remaining, desc=f"certify ({label})", unit="pt")
+            settings = {"desc": "certify", **(bar or {})}
+            settings["desc"] += f" ({label})"
+            progress = tqdm(total=len(points), initial=len(points) - remaining, unit="pt", **settings)
         try:
-            certify_points(model, points, writer, sigma=sigma, progress=bar.update if bar else None, **common)
+            certify_points(model, points, writer, sigma=sigma, progress=progress.update if progress else None,
+                           **common)
         except KeyboardInterrupt:
             kept = len(requested & writer.done)
             raise CertificationInterrupted(f"interrupted: {kept}/{len(requested)} rows kept in {path}; re-run the "
                                            "same command to resume") from None
         finally:
-            if bar is not None:
-                bar.close()
+            if progress is not None:
+                progress.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Certification spread over ranks (one process per GPU, any number of nodes) or independent jobs (shards): what
+# runs where is in ssmooth/certify/distributed.py; these functions only wire it to certify_model.
+
+
+def certify_part(model: nn.Module, points, folder: str | Path, cfg: CertifyConfig, *, part: int, num_parts: int,
+                 **kw) -> None:
+    """Certify part ``part`` of ``num_parts`` of ``points`` into ``folder`` (rows and part.json; resumable).
+    part.json records the fingerprint of the WHOLE run, which the merge compares across parts."""
+    folder = Path(folder)
+    whole = _resolved(cfg, kw.get("grid"))
+    sigma0 = float(whole.sigma if whole.sigma is not None else kw["base_sigma"])
+    fp = run_fingerprint(whole, points, dataset=kw.get("dataset", ""), sigma=sigma0, grid=kw.get("grid"),
+                         checkpoint_sha256=kw.get("checkpoint_sha256") or state_dict_sha256(model))
+    share = points.subset(part_positions(len(points), num_parts, part))
+    start_part(folder, part=part, num_parts=num_parts, indices=_indices(share), fp=fp)
+    done = certify_model(model, share, folder, cfg, rows_only=True, **kw)
+    finish_part(folder, done["files"])
+
+
+def certify_on_ranks(model: nn.Module, points, out_dir: str | Path, cfg: CertifyConfig, *, rank: int,
+                     world_size: int, barrier, **kw) -> dict | None:
+    """Collective: every rank calls it. Rank r certifies part r into ``out_dir/parts/rank<r>``; after a barrier,
+    rank 0 merges the parts, allocates, verifies and writes the summary (returned; None on other ranks).
+    ``out_dir`` must be on a filesystem every rank sees. One process (world_size 1) is plain certify_model."""
+    if world_size == 1:
+        return certify_model(model, points, out_dir, cfg, **kw)
+    parts = [Path(out_dir) / "parts" / f"rank{r}" for r in range(world_size)]
+    bar = {"desc": f"rank {rank}/{world_size} certify", "position": rank}
+    certify_part(model, points, parts[rank], cfg, part=rank, num_parts=world_size, bar=bar, **kw)
+    barrier()
+    if rank != 0:
+        return None
+    return certify_model(model, points, out_dir, cfg, merge_from=parts, **kw)

@@ -24,7 +24,6 @@ from ssmooth.cli.common import (
     exit_on_config_error,
     plain,
     report_certification,
-    resolve_device,
 )
 
 STAGES = ("pretrain", "finetune", "pipeline")
@@ -222,7 +221,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ssmooth.certify.runfolder import RunFolderError
-    from ssmooth.evaluate import certification_points, certify_model
+    from ssmooth.evaluate import certification_points, certify_on_ranks
     from ssmooth.lit.module import SmoothingModule, load_checkpoint, model_state
 
     output_dir = Path(cfg.output_dir)
@@ -300,16 +299,26 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         logger.log_hyperparams(plain(cfg))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.ckpt_path, output_dir))
-        if not trainer.is_global_zero or not cert_cfg.enabled:
+        if not cert_cfg.enabled:
             return None
-        device = resolve_device("auto")
         points = certification_points(datamodule, cert_cfg)
         grid = getattr(noise, "grid", None)  # used only when the certify policy is sample-wise
+        # Under DDP every rank certifies its share of the points; rank 0 merges, allocates and summarizes.
+        # (ddp_fork/ddp_spawn run only fit in their processes: here the launching process is alone.)
+        import torch.distributed as dist
+
+        ranks = dist.is_available() and dist.is_initialized()
         try:  # the trained weights are fingerprinted by their state_dict
-            summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
-                                    base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
+            summary = certify_on_ranks(module.model, points, output_dir, cert_cfg,
+                                       rank=trainer.global_rank if ranks else 0,
+                                       world_size=trainer.world_size if ranks else 1,
+                                       barrier=trainer.strategy.barrier, num_classes=info.num_classes,
+                                       base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta,
+                                       device=trainer.strategy.root_device)
         except RunFolderError as err:
             raise ConfigError(str(err)) from None
+        if not trainer.is_global_zero:
+            return None
         report_certification(summary, output_dir)
         from ssmooth.lit.logging import log_certification
 
