@@ -203,9 +203,10 @@ def _run(model, points, path, columns, *, sigma, common, label, cfg) -> None:
             return
         bar = None
         if cfg.progress:
-            from tqdm.auto import tqdm
+            from ssmooth.progress import progress_bar  # one line per 30 s when written to a file
 
-            bar = tqdm(total=len(points), initial=len(points) - remaining, desc=f"certify ({label})", unit="pt")
+            bar = progress_bar(total=len(points), initial=len(points) - remaining, desc=f"certify ({label})",
+                               unit="pt")
         try:
             certify_points(model, points, writer, sigma=sigma, progress=bar.update if bar else None, **common)
         finally:

@@ -3,26 +3,31 @@
   ssmooth-certify ckpt=outputs/runs/RUN/checkpoints/last.ckpt
   ssmooth-certify ckpt=PATH certify.skip=20 certify.n=100000 certify.alpha=0.001        # Cohen's protocol
   ssmooth-certify ckpt=PATH certify.policy=samplewise certify.allocation=lp             # per-point levels
-  ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=../shared/data          # data from .npz
+  ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=DIR                      # data from .npz
 
-The checkpoint carries the architecture, normalization, dataset, classes and noise policy. Re-running into
-the same folder (hydra.run.dir=...) resumes where an interrupted run stopped.
+The checkpoint carries the architecture, normalization, dataset, classes and noise policy; set only the test
+subset and the sampling (certify.*), where the test split is read from (dataset.source, dataset.root,
+dataset.npz_dir) and device. Re-running into the same folder (hydra.run.dir=...) resumes where an interrupted
+run stopped; Ctrl-C says how many rows were kept.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from ssmooth.cli.common import (
-    CONFIG_DIR,
     ConfigError,
+    certification_grid,
+    certification_note,
     certify_config,
-    exit_on_config_error,
+    check_output_width,
+    console_main,
+    on_interrupt,
     plain,
     report_certification,
     resolve_device,
+    test_points,
 )
 
 
@@ -48,30 +53,22 @@ def run(cfg: DictConfig) -> dict:
         model.load_state_dict(model_state(state))
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {cfg.ckpt} does not match its own architecture: {err}") from None
+    check_output_width(model, datamodule.info.input_shape, datamodule.info.num_classes, f"checkpoint {cfg.ckpt}")
 
     noise = meta["noise"]
     # A checkpoint trained with per-sample levels carries their grid (certify.policy=constant leaves it unused).
-    grid = noise.get("grid") or None
-    if cert_cfg.grid_factors is not None:
-        from ssmooth.noise import sigma_grid
-
-        grid = sigma_grid(cert_cfg.sigma or noise["sigma"], cert_cfg.grid_factors)
-    if cert_cfg.policy == "samplewise" and not grid:
-        raise ConfigError(f"certify.policy=samplewise: checkpoint {cfg.ckpt} was trained at one level; give the "
-                          "grid with certify.grid_factors=[0.5,1.0,2.0]")
-    points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
+    grid = certification_grid(cert_cfg, noise["sigma"], noise.get("grid"), f"checkpoint {cfg.ckpt}")
+    points = test_points(datamodule, cert_cfg)
     output_dir = Path(cfg.output_dir)
-    summary = certify_model(model, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
-                            base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
-                            meta={**meta, "checkpoint": str(cfg.ckpt)}, device=resolve_device(cfg.device))
+    with on_interrupt(lambda: certification_note(output_dir, len(points))):
+        summary = certify_model(model, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
+                                base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
+                                meta={**meta, "checkpoint": str(cfg.ckpt)}, device=resolve_device(cfg.device))
     report_certification(summary, output_dir)
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="certify")
-@exit_on_config_error
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = console_main("certify", run, __doc__)
 
 
 if __name__ == "__main__":
