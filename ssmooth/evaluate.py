@@ -124,6 +124,9 @@ def certification_points(datamodule, cfg: CertifyConfig):
     train = datamodule.train_set
     stop = len(train) if cfg.max == -1 else min(cfg.max, len(train))
     chosen = train.subset(torch.arange(cfg.start, stop, cfg.skip))
+    if len(chosen) == 0:
+        raise ValueError(f"certify.start={cfg.start}, certify.max={cfg.max}: no point of the {len(train)} training "
+                         "points is selected")
     return IndexedDataset(chosen.images, chosen.labels, chosen.indices)
 
 
@@ -328,11 +331,11 @@ def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None) -
             return
         progress = None
         if cfg.progress:
-            from tqdm.auto import tqdm
+            from ssmooth.progress import progress_bar  # one line per 30 s when written to a file
 
             settings = {"desc": "certify", **(bar or {})}
             settings["desc"] += f" ({label})"
-            progress = tqdm(total=len(points), initial=len(points) - remaining, unit="pt", **settings)
+            progress = progress_bar(total=len(points), initial=len(points) - remaining, unit="pt", **settings)
         try:
             certify_points(model, points, writer, sigma=sigma, progress=progress.update if progress else None,
                            **common)
