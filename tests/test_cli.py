@@ -47,6 +47,9 @@ def test_every_experiment_config_runs_one_step(experiment, tmp_path, request):
     shared = request.getfixturevalue("shared_data") if experiment.startswith(("mnist", "cifar10")) else None
     extra = ["model.depth=20"] if "cifar10" in experiment else []
     extra += ["noise.num_draws=2"] if "samplewise" in experiment or experiment == "demo" else []
+    if experiment.startswith("imagenet"):  # a tiny ImageFolder; a small net keeps 224 px steps fast on a CPU
+        extra += [f"dataset.root={request.getfixturevalue('tiny_imagenet')}", "model.name=tiny",
+                  "trainer.precision=32-true", "dataset.pin_memory=false"]
     tiny = [o for o in TINY if not o.startswith("~experiment")]
     cfg = compose_cfg("train", [f"experiment={experiment}", f"output_dir={tmp_path}", *tiny, *extra,
                                 *data_overrides(experiment, shared)])
