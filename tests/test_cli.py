@@ -7,10 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from ssmooth.cli import certify as certify_cli
 from ssmooth.cli import train as train_cli
@@ -45,6 +47,9 @@ def test_every_experiment_config_runs_one_step(experiment, tmp_path, request):
     shared = request.getfixturevalue("shared_data") if experiment.startswith(("mnist", "cifar10")) else None
     extra = ["model.depth=20"] if "cifar10" in experiment else []
     extra += ["noise.num_draws=2"] if "samplewise" in experiment or experiment == "demo" else []
+    if experiment.startswith("imagenet"):  # a tiny ImageFolder; a small net keeps 224 px steps fast on a CPU
+        extra += [f"dataset.root={request.getfixturevalue('tiny_imagenet')}", "model.name=tiny",
+                  "trainer.precision=32-true", "dataset.pin_memory=false"]
     tiny = [o for o in TINY if not o.startswith("~experiment")]
     cfg = compose_cfg("train", [f"experiment={experiment}", f"output_dir={tmp_path}", *tiny, *extra,
                                 *data_overrides(experiment, shared)])
@@ -83,6 +88,13 @@ def run_expecting_config_error(overrides, tmp_path, match):
     (["stage=finetune", "pretrained=/no/such.ckpt"], r"/no/such.ckpt"),
     (["stage=pipeline"], r"noise=samplewise"),
     (["+optim.optimizer.momentun=0.9"], r"optim: .*momentun"),
+    (["certify.grid_factors=[]"], r"^certify.grid_factors=\[\] must be a non-empty list"),
+    (["certify.grid_factors=[0.5,-1]"], r"^certify.grid_factors=\[0.5, -1\] must be a non-empty list of factors > 0"),
+    (["certify.start=360", "certify.max=-1"], r"^certify.start=360 is past the end of the digits test split \(360 images"),
+    (["certify.start=10", "certify.max=5"], r"^certify.max=5 is not above certify.start=10"),
+    # a sample-wise certification of a model trained at one level needs a grid: refused before training
+    (["certify.policy=samplewise"], r"^certify.policy=samplewise: .*certify.grid_factors"),
+    (["dataset=mnist", "dataset.source=npz"], r"dataset.source=npz needs dataset.npz_dir=DIR"),
 ])
 def test_bad_settings_fail_before_training_and_name_the_value(overrides, match, tmp_path):
     run_expecting_config_error(overrides, tmp_path, match)
@@ -214,27 +226,6 @@ def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
     assert "samplewise_fill" in report and "unsound" in report
 
 
-def test_killed_training_resumes_from_last_to_the_same_final_epoch(tmp_path, monkeypatch):
-    from ssmooth.lit.module import SmoothingModule
-
-    overrides = [f"output_dir={tmp_path}", *TINY, "trainer.max_epochs=3", "certify.enabled=false",
-                 "trainer.limit_train_batches=2"]
-
-    def crash(self):
-        if self.current_epoch == 2:
-            raise RuntimeError("killed")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(SmoothingModule, "on_train_epoch_start", crash, raising=False)
-        with pytest.raises(RuntimeError, match="killed"):
-            train_cli.run(compose_cfg("train", overrides))
-    interrupted = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert interrupted["epoch"] == 1
-    train_cli.run(compose_cfg("train", [*overrides, "ckpt_path=last"]))
-    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * 2  # three epochs of two steps, no more
-
-
 @pytest.mark.parametrize("trainer", sorted(p.stem for p in (REPO / "conf" / "trainer").glob("*.yaml")))
 def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
     # GPU configs are built with the accelerator swapped for the CPU: the rest (strategy, timeout) is checked.
@@ -272,3 +263,196 @@ def test_a_samplewise_checkpoint_is_certified_samplewise_unless_told_otherwise(t
         f"ckpt={ckpt}", f"output_dir={tmp_path / 'cert'}", "certify.policy=constant", "certify.n=100",
         "certify.n0=8", "certify.max=4", "certify.progress=false"]))
     assert constant["sigma_policy"] == "constant" and set(constant["variants"]) == {"constant"}
+
+
+@pytest.mark.cli
+def test_two_processes_and_two_shards_give_the_rows_of_one_process(tmp_path):
+    # The real launch: Lightning Fabric starts a second process (gloo) from the command line, each certifies
+    # half of the points, rank 0 merges. The shards run in-process; a merge missing a shard exits 2.
+    cfg = compose_cfg("train", [f"output_dir={tmp_path / 'train'}", *TINY, "certify.enabled=false"])
+    train_cli.run(cfg)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    common = [f"ckpt={ckpt}", "certify.n=200", "certify.n0=10", "certify.max=9", "certify.skip=1",
+              "certify.progress=false"]
+    one = certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'one'}"]))
+    for k in (0, 1):
+        certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / f'shard{k}'}",
+                                                "certify.num_shards=2", f"certify.shard={k}"]))
+    shard_dirs = f"certify.shard_dirs=[{tmp_path / 'shard0'},{tmp_path / 'shard1'}]"
+    merged = certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'merged'}",
+                                                     "certify.merge=true", shard_dirs]))
+    with pytest.raises(ConfigError, match=r"part\(s\) \[1\] of 2 missing"):
+        certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'bad'}", "certify.merge=true",
+                                                f"certify.shard_dirs=[{tmp_path / 'shard0'}]"]))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ssmooth.cli.certify", *common, f"hydra.run.dir={out}",
+                           "distributed=ddp_cpu", "distributed.devices=2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[["idx", "predict", "radius", "sigma"]]
+    for name in ("merged", "ddp"):
+        rows = pd.read_csv(tmp_path / name / "certify.tsv", sep="\t")[["idx", "predict", "radius", "sigma"]]
+        assert rows.equals(reference), name
+    assert merged["variants"] == one["variants"]
+    ranks = [pd.read_csv(out / "parts" / f"rank{r}" / "certify.tsv", sep="\t")["idx"].tolist() for r in (0, 1)]
+    assert ranks == [reference["idx"].tolist()[0::2], reference["idx"].tolist()[1::2]]  # both ranks did work
+    assert json.loads((out / "summary.json").read_text())["variants"] == one["variants"]
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_ddp_training_certifies_on_every_rank_with_the_rows_of_one_process(tmp_path):
+    # strategy=ddp re-runs the command in a second process, which certifies its half after fit (ddp_fork would
+    # return to one process after fit).
+    out = tmp_path / "ddp"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+           "trainer.sync_batchnorm=false", "certify.max=6", "certify.n=200"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ssmooth.cli.train", *TINY, *ddp, f"hydra.run.dir={out}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parts = out / "parts"
+    assert [len(pd.read_csv(parts / f"rank{r}" / "certify.tsv", sep="\t")) for r in (0, 1)] == [3, 3]
+    alone = certify_cli.run(compose_cfg("certify", [f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+                                                    f"output_dir={tmp_path / 'one'}", "certify.max=6",
+                                                    "certify.n=200", "certify.n0=8", "certify.batch_size=64",
+                                                    "certify.progress=false"]))
+    columns = ["idx", "predict", "radius", "sigma"]
+    rows = pd.read_csv(out / "certify.tsv", sep="\t")[columns]
+    assert rows.equals(pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[columns])
+    assert json.loads((out / "summary.json").read_text())["variants"] == alone["variants"]
+
+
+def test_a_run_folder_skips_the_same_settings_refuses_others_and_continues_with_more_epochs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # dataset.root is relative: the checkpoint must store it absolute
+    run = tmp_path / "run"
+    base = [f"output_dir={run}", *TINY]
+    first = train_cli.run(compose_cfg("train", base))
+    saved = (run / "config.yaml").read_bytes()
+    last = run / "checkpoints" / "last.ckpt"
+    stamp = last.stat().st_mtime_ns
+    meta = torch.load(last, weights_only=False)["ssmooth"]
+    assert meta["dataset"]["root"] == str(tmp_path / "data")
+
+    # the same settings (a progress flag aside): skipped, nothing rewritten
+    again = train_cli.run(compose_cfg("train", [*base, "certify.progress=true"]))
+    assert again == first and last.stat().st_mtime_ns == stamp
+
+    # other settings: refused, naming the difference and both ways out; the folder untouched
+    with pytest.raises(ConfigError, match=r"already holds a finished run with other settings: noise.sigma=0.5 "
+                                          r"\(was 0.25\)\. Use a new folder"):
+        train_cli.run(compose_cfg("train", [*base, "noise.sigma=0.5"]))
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=2 \(was 1\).*add ckpt_path=last to continue"):
+        train_cli.run(compose_cfg("train", [*base, "trainer.max_epochs=2"]))
+    with pytest.raises(ConfigError, match=r"certify.n=200 \(was 100\).*ssmooth-certify ckpt="):
+        train_cli.run(compose_cfg("train", [*base, "certify.n=200"]))
+    assert (run / "config.yaml").read_bytes() == saved and last.stat().st_mtime_ns == stamp
+
+    # ckpt_path=last with more epochs continues the finished run; its first certification is kept aside
+    more = train_cli.run(compose_cfg("train", [*base, "trainer.max_epochs=2", "ckpt_path=last"]))
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2  # one more epoch of one step, not two new ones
+    assert OmegaConf.load(run / "config.yaml").trainer.max_epochs == 2
+    earlier = run / "certified_after_1_epochs"
+    assert json.loads((earlier / "summary_superseded.json").read_text()) == json.loads(json.dumps(first))
+    assert json.loads((run / "summary.json").read_text())["points"] == more["points"]
+    metrics = pd.read_csv(run / "csv" / "metrics.csv")
+    assert sorted(metrics.dropna(subset=["train/loss"])["epoch"]) == [0, 1]  # the first epoch's row survived
+    assert list(tmp_path.rglob("summary.json")) == [run / "summary.json"]  # a sweep report sees one run
+
+
+def test_an_interrupted_run_resumes_from_the_same_command_and_keeps_its_metrics(tmp_path, monkeypatch):
+    from ssmooth.lit.module import SmoothingModule
+
+    overrides = [f"output_dir={tmp_path}", *TINY, "trainer.max_epochs=3", "certify.enabled=false",
+                 "trainer.limit_train_batches=2"]
+
+    def crash(self):
+        if self.current_epoch == 2:
+            raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SmoothingModule, "on_train_epoch_start", crash, raising=False)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_cli.run(compose_cfg("train", overrides))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    train_cli.run(compose_cfg("train", overrides))  # the same command: no ckpt_path needed
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * 2
+    metrics = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    assert sorted(metrics.dropna(subset=["train/loss"])["epoch"]) == [0, 1, 2]  # every epoch once
+    # finished (certification off): the same command again is a skip, not a fourth epoch
+    train_cli.run(compose_cfg("train", overrides))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_certify_grid_factors_given_to_training_are_used(tmp_path):
+    summary = train_cli.run(compose_cfg("train", [f"output_dir={tmp_path}", *TINY, "certify.grid_factors=[0.5,1]"]))
+    assert summary["sigma_policy"] == "samplewise"
+    assert set(pd.read_csv(tmp_path / "certify_raw.tsv", sep="\t")["sigma"]) <= {0.125, 0.25}
+
+
+def test_certify_refuses_bad_input_naming_it(tmp_path):
+    train_cli.run(compose_cfg("train", [f"output_dir={tmp_path / 'train'}", *TINY, "certify.enabled=false"]))
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+
+    def refused(overrides, match):
+        cfg = compose_cfg("certify", [f"output_dir={tmp_path / 'cert'}", "certify.n=100", "certify.n0=8", *overrides])
+        with pytest.raises(ConfigError, match=match):
+            certify_cli.run(cfg)
+        assert not (tmp_path / "cert").exists()
+
+    refused([f"ckpt={tmp_path / 'train'}"], rf"{tmp_path / 'train'} is a folder, not a checkpoint file; it holds {ckpt}")
+    refused([f"ckpt={ckpt}", "certify.grid_factors=[]"], r"certify.grid_factors=\[\]")
+    refused([f"ckpt={ckpt}", "certify.policy=samplewise"], r"trained at one level.*certify.grid_factors")
+    refused([f"ckpt={ckpt}", "certify.start=1000"], r"certify.start=1000 is past the end")
+    refused([f"ckpt={ckpt}", "dataset.source=torchvision"], r"digits.*cannot be loaded from source 'torchvision'")
+
+
+def test_a_model_whose_width_is_not_num_classes_is_refused():
+    from ssmooth.cli.common import check_output_width
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
+    with pytest.raises(ConfigError, match=r"^model=x outputs 7 classes but the dataset has num_classes=10$"):
+        check_output_width(model, (1, 8, 8), 10, "model=x")
+    check_output_width(model, (1, 8, 8), 7, "model=x")
+
+
+def test_nan_pixels_are_refused_before_training(tmp_path):
+    images = np.zeros((4, 28, 28), dtype=np.float32)
+    images[2, 5, 5] = np.nan
+    for split in ("train", "test"):
+        (tmp_path / "mnist").mkdir(exist_ok=True)
+        np.savez(tmp_path / "mnist" / f"mnist_{split}.npz", images=images, labels=np.arange(4))
+    run_expecting_config_error(["dataset=mnist", "model=lenet", "dataset.source=npz", f"dataset.npz_dir={tmp_path}"],
+                               tmp_path / "run", r"mnist_train.npz: 1 pixel values are NaN or infinite")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trainer.max_epoch=1"], "error: unknown key 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?"),
+    (["-m", "objective=gaussian,macerr"], "error: objective=macerr: no such config; choose one of consistency, "
+                                          "gaussian, macer, smoothadv"),
+    (["noise.sigma=0.25,0.5"], "error: Ambiguous value for argument 'noise.sigma=0.25,0.5': sweep over it with -m, "
+                               "or write a list as key=[a,b]"),
+    (["+trainer.max_epochz=1", "certify.nn=3"], "error: unknown key 'certify.nn'; did you mean 'certify.n'?"),
+])
+def test_a_bad_command_line_is_one_line_and_exit_2_before_hydra_starts(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ssmooth-train", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [message]
+
+
+def test_help_lists_the_groups_each_command_takes(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ssmooth-certify", "--help"])
+    certify_cli.main()
+    text = capsys.readouterr().out
+    assert text.startswith("ssmooth-certify: certify a saved checkpoint") and "certify: default" in text
+    assert "model:" not in text and "experiment:" not in text  # groups ssmooth-certify would refuse
+    monkeypatch.setattr(sys, "argv", ["ssmooth-train", "-h"])
+    train_cli.main()
+    text = capsys.readouterr().out
+    assert "experiment: cifar10_gaussian |" in text and "(default: demo)" in text
+    assert "model: cifar_resnet | lenet | mlp   (default: mlp)" in text

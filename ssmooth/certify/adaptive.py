@@ -23,7 +23,7 @@ the point is does not cut its samples: a point whose pilot votes all agree keeps
 capped by n itself), and a point whose whole interval lies below 1/2 -- one that will abstain -- takes the
 smallest size.
 
-Points of one size share forward batches: ``sample_counts`` is called once per size of the menu.
+Points share forward batches whatever their sizes: one ``sample_counts`` call draws every point's n_i.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 from scipy.stats import beta
 from torch import nn
 
-from ssmooth.certify.core import ABSTAIN, Certificate, _as_sigma, sample_counts
+from ssmooth.certify.core import ABSTAIN, Certificate, _as_sigma, _device_of, _noise_source, sample_counts
 from ssmooth.certify.stats import lower_confidence_bound, radius_from_pA
 
 DEFAULT_HALVINGS = 8
@@ -113,6 +113,8 @@ def certify_adaptive(
     *,
     num_classes: int,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    indices=None,
     sizes=None,
     pilot_confidence: float = 0.95,
     autocast_dtype: torch.dtype | None = None,
@@ -125,6 +127,9 @@ def certify_adaptive(
     the guarantee of ``certify``. The n0 selection draws also choose n_i from the menu ``sizes`` (default n,
     n/sqrt(2), n/2, ..., n/256), aiming at a radius at most ``max_radius_loss`` below what n would give; the
     bound uses n_i fresh draws only. ``Certificate.samples`` holds n0 + n_i, the forward passes each point cost.
+    Noise as in ``certify``: per-point streams keyed by (``seed``, dataset index in ``indices``, purpose) when
+    ``indices`` are given, else ``generator``; the pilot is the "selection" stream, the bound's draws the
+    "estimation" stream, so a point's pilot is the one fixed-n CERTIFY would draw for it.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -137,24 +142,24 @@ def certify_adaptive(
     menu = default_sizes(n) if sizes is None else tuple(sorted({int(s) for s in sizes} | {n}))
     if menu[0] < 1 or menu[-1] > n:
         raise ValueError(f"sample sizes must lie in [1, n={n}], got {sorted(sizes)}")
-    sigma_t = _as_sigma(sigma, x.shape[0], "cpu")
-    kw = dict(batch_size=batch_size, num_classes=num_classes, generator=generator,
-              autocast_dtype=autocast_dtype, channels_last=channels_last)
+    device = _device_of(model)
+    sigma_t = _as_sigma(sigma, x.shape[0], device)
+    kw = dict(batch_size=batch_size, num_classes=num_classes, autocast_dtype=autocast_dtype,
+              channels_last=channels_last)
 
-    pilot = sample_counts(model, x, sigma_t, n0, **kw)
-    cA = pilot.argmax(dim=1).cpu()
-    kA = pilot.gather(1, cA[:, None]).squeeze(1).cpu().numpy()
-    sigma_np = sigma_t.double().cpu().numpy()
+    pilot = sample_counts(model, x, sigma_t, n0, **kw,
+                          **_noise_source(x, generator, seed, indices, "selection", n0, device)).cpu()
+    cA = pilot.argmax(dim=1)
+    kA = pilot.gather(1, cA[:, None]).squeeze(1).numpy()
+    sigma_np = sigma_t.double().cpu().numpy()  # the float32 level the noise is drawn at, exactly
     n_i = choose_sample_sizes(kA, n0, sigma_np, menu, alpha, max_radius_loss, pilot_confidence)
 
-    nA = torch.zeros(x.shape[0], dtype=torch.long)
-    for size in np.unique(n_i):
-        members = torch.from_numpy(np.flatnonzero(n_i == size))
-        # Fresh draws, taken after the pilot and decided by it alone: one call per size, so points of the same
-        # size share forward batches.
-        votes = sample_counts(model, x[members.to(x.device)], sigma_t[members], int(size), **kw).cpu()
-        nA[members] = votes.gather(1, cA[members][:, None]).squeeze(1)
-
+    # Fresh draws, taken after the pilot and decided by it alone; one call for all points whatever their sizes,
+    # so copies of several points share forward batches.
+    sizes_list = [int(s) for s in n_i]
+    votes = sample_counts(model, x, sigma_t, sizes_list, **kw,
+                          **_noise_source(x, generator, seed, indices, "estimation", sizes_list, device)).cpu()
+    nA = votes.gather(1, cA[:, None]).squeeze(1)
     return certificate_from_counts(cA, nA, n_i, n0, alpha, sigma_np)
 
 
@@ -166,8 +171,8 @@ def certificate_from_counts(cA: torch.Tensor, nA: torch.Tensor, n_i, n0: int, al
     radius = np.where(certified, radius_from_pA(np.clip(pA_lower, 0.5, 1.0), sigma), 0.0)
     return Certificate(
         prediction=torch.where(torch.from_numpy(certified), cA, torch.full_like(cA, ABSTAIN)),
-        radius=torch.from_numpy(radius).float(),
-        pA_lower=torch.from_numpy(pA_lower).float(),
+        radius=torch.from_numpy(radius),
+        pA_lower=torch.from_numpy(pA_lower),
         count=nA,
         samples=torch.from_numpy(n0 + n_i),
     )

@@ -101,7 +101,7 @@ def test_size_rule_known_answers():
     assert (choose_sample_sizes(kA[2:], 100, 0.25, sizes, 0.001, 0.0) == 10_000).all()
 
 
-def test_points_of_one_size_share_forward_batches():
+def test_points_of_all_sizes_share_forward_batches():
     calls = []
 
     class Counting(Threshold):
@@ -109,12 +109,22 @@ def test_points_of_one_size_share_forward_batches():
             calls.append(len(x))
             return super().forward(x)
 
-    x = torch.full((40, 1), 0.8)
+    x = torch.linspace(0.1, 3.0, 40)[:, None]
     cert = certify_adaptive(Counting(), x, 1.0, n0=20, n=1000, alpha=0.01, max_radius_loss=0.05,
                             batch_size=100_000, num_classes=2, generator=gen())
-    sizes_used = len(np.unique(cert.samples.numpy()))
-    assert len(calls) == 1 + sizes_used  # one pilot batch, one batch per size, whatever the number of points
+    assert len(np.unique(cert.samples.numpy())) >= 3
+    assert len(calls) == 2  # one batch for every pilot, one for every point's estimation draws
     assert sum(calls) == int(cert.samples.sum())
+
+
+def test_per_point_streams_make_a_point_independent_of_its_group():
+    x = torch.linspace(0.1, 3.0, 12)[:, None]
+    kw = dict(n0=20, n=2000, alpha=0.01, max_radius_loss=0.05, batch_size=333, num_classes=2, seed=7)
+    together = certify_adaptive(Threshold(), x, 1.0, indices=list(range(100, 112)), **kw)
+    alone = certify_adaptive(Threshold(), x[5:6], 1.0, indices=[105], **kw)
+    assert alone.samples.item() == together.samples[5].item()
+    assert alone.count.item() == together.count[5].item()
+    assert alone.radius.item() == together.radius[5].item()
 
 
 @pytest.mark.parametrize("kwargs, match", [
