@@ -20,7 +20,8 @@ The models are trained here (Gaussian augmentation, a few minutes on a CPU) unle
     python benchmarks/adaptive_sampling.py --dataset cifar10 --n 100000 --points 500 --device cuda
 
 The last line reads ``adaptive: <R>x fewer forward passes, ACR loss <D>`` for the recommended setting: the
-cheapest one whose ACR loss is at most --target-loss (else the one with the smallest loss).
+cheapest one whose ACR loss plus two standard errors is at most --target-loss and whose certified accuracy at
+every radius above 0 is within --max-accuracy-drop points of fixed n (else the one with the smallest loss).
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ def table(arms: dict, labels: np.ndarray, radii: list[float]) -> tuple[str, dict
         lines.append(f"| {name} | {passes:,} | {ratio:.2f}x | {arm['wall_s']:.0f} | {arm['cpu_s']:.0f} | "
                      f"{score.mean():.4f} ({se:.4f}) | {diff.mean():.4f} ({dse:.4f}) | "
                      + " | ".join(f"{a:.1f}" for a in acc) + " |")
-        summary[loss] = (ratio, float(diff.mean()))
+        summary[loss] = (ratio, float(diff.mean()), float(dse), acc)
     return "\n".join(lines), summary
 
 
@@ -240,6 +241,9 @@ def parse_args(argv=None):
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--losses", type=float, nargs="+", default=[0.01, 0.02, 0.04])
     parser.add_argument("--target-loss", type=float, default=0.02)
+    parser.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                        help="percentage points of certified accuracy a recommended setting may lose at r > 0")
+    parser.add_argument("--recommend", type=float, default=None, help="report this setting on the last line")
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--group", type=int, default=50, help="points per certify call")
     parser.add_argument("--seed", type=int, default=0)
@@ -307,13 +311,21 @@ def report(arms: dict, labels: np.ndarray, args, timing: str) -> None:
     print(f"\nTimes: {timing}.\n")
     print(text)
     print(f"\n- load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    within = {loss: rd for loss, rd in summary.items() if loss is not None and rd[1] <= args.target_loss}
-    if within:
-        best = max(within, key=lambda loss: within[loss][0])
+    # Recommended: the cheapest setting whose ACR loss is within the target even at two standard errors, and
+    # whose certified accuracy at every radius above 0 stays within --max-accuracy-drop points of fixed n (a
+    # budget that trims the points at the n-sample cap empties the largest radii first).
+    fixed_acc = summary[None][3]
+    ok = {loss: v for loss, v in summary.items() if loss is not None and v[1] + 2 * v[2] <= args.target_loss
+          and all(f - a <= args.max_accuracy_drop for f, a in list(zip(fixed_acc, v[3]))[1:])}
+    if args.recommend is not None:
+        best = args.recommend
+    elif ok:
+        best = max(ok, key=lambda loss: ok[loss][0])
     else:
         best = min((loss for loss in summary if loss is not None), key=lambda loss: summary[loss][1])
-    ratio, loss_d = summary[best]
-    print(f"- recommended: max_radius_loss {best:g}")
+    ratio, loss_d = summary[best][:2]
+    print(f"- recommended: max_radius_loss {best:g} (the cheapest setting with D + 2 SE <= {args.target_loss:g} "
+          f"and certified accuracy within {args.max_accuracy_drop:g} points of fixed n at every radius > 0)")
     print(f"adaptive: {ratio:.2f}x fewer forward passes, ACR loss {loss_d:.4f}")
 
 
