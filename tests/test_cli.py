@@ -455,4 +455,4 @@ def test_help_lists_the_groups_each_command_takes(monkeypatch, capsys):
     train_cli.main()
     text = capsys.readouterr().out
     assert "experiment: cifar10_gaussian |" in text and "(default: demo)" in text
-    assert "model: cifar_resnet | lenet | mlp   (default: mlp)" in text
+    assert "model: cifar_resnet | lenet | mlp | resnet50   (default: mlp)" in text
