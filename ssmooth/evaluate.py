@@ -17,7 +17,7 @@ from torch import nn
 
 from ssmooth import report
 from ssmooth.certify.allocation import allocate, verify_allocation
-from ssmooth.certify.distributed import finish_part, fingerprint, merge_parts, part_positions, start_part
+from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points
 from ssmooth.certify.stats import require_useful_sample_size
@@ -252,18 +252,25 @@ def dataset_indices(points) -> list[int]:
     return [int(points[i][2]) for i in range(len(points))]
 
 
-def rows_fingerprint(model: nn.Module, cfg: CertifyConfig, *, base_sigma: float, grid, dataset: str,
+def rows_fingerprint(model: nn.Module, points, cfg: CertifyConfig, *, base_sigma: float, grid, dataset: str,
                      device) -> dict:
-    """Everything that decides the rows of a part: two parts merge only if these are equal."""
+    """What decides the rows of a part (the run-folder fingerprint of the weights, the points and the settings,
+    plus the device kind: CPU and GPU generators draw different noise); parts merge only if these are equal."""
+    from ssmooth.certify.runfolder import fingerprint, state_dict_sha256
+
     policy = cfg.policy or ("samplewise" if grid else "constant")
-    settings = {"dataset": dataset, "split": cfg.split, "skip": cfg.skip, "max": cfg.max, "start": cfg.start,
-                "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "policy": policy,
-                "sigma": float(cfg.sigma if cfg.sigma is not None else base_sigma), "seed": cfg.seed,
-                "autocast": cfg.autocast, "noise_device": torch.device(device).type}
-    if policy == "samplewise":
-        settings.update(grid=sorted(float(s) for s in grid or []), selection_samples=cfg.selection_samples,
-                        soft_selection=cfg.soft_selection, selection_cap=cfg.selection_cap)
-    return fingerprint(model, settings)
+    samplewise = policy == "samplewise"
+    labels = points.labels.tolist() if hasattr(points, "labels") else [int(points[i][1]) for i in range(len(points))]
+    fp = fingerprint(
+        checkpoint_sha256=state_dict_sha256(model), dataset=dataset, split=cfg.split,
+        subset={"skip": cfg.skip, "max": cfg.max, "start": cfg.start}, indices=dataset_indices(points), labels=labels,
+        n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=policy,
+        sigma=float(cfg.sigma if cfg.sigma is not None else base_sigma),
+        grid=sorted(float(s) for s in grid or []) if samplewise else None,
+        selection={"samples": cfg.selection_samples, "soft": cfg.soft_selection, "cap": cfg.selection_cap}
+        if samplewise else None,
+        seed=cfg.seed, autocast=cfg.autocast)
+    return {**fp, "noise_device": torch.device(device).type}
 
 
 def certify_part(model: nn.Module, points, folder: str | Path, cfg: CertifyConfig, *, part: int, num_parts: int,
@@ -290,8 +297,8 @@ def certify_on_ranks(model: nn.Module, points, out_dir: str | Path, cfg: Certify
     ``out_dir`` must be on a filesystem every rank sees. One process (world_size 1) is plain certify_model."""
     if world_size == 1:
         return certify_model(model, points, out_dir, cfg, **kw)
-    fp = rows_fingerprint(model, cfg, base_sigma=kw["base_sigma"], grid=kw.get("grid"), dataset=kw.get("dataset", ""),
-                          device=kw.get("device", "cpu"))
+    fp = rows_fingerprint(model, points, cfg, base_sigma=kw["base_sigma"], grid=kw.get("grid"),
+                          dataset=kw.get("dataset", ""), device=kw.get("device", "cpu"))
     parts = [Path(out_dir) / "parts" / f"rank{r}" for r in range(world_size)]
     bar = {"desc": f"rank {rank}/{world_size} certify", "position": rank}
     certify_part(model, points, parts[rank], cfg, part=rank, num_parts=world_size, fp=fp, bar=bar, **kw)

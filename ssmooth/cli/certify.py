@@ -134,8 +134,8 @@ def run(cfg: DictConfig) -> dict | None:
               dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device)
     try:
         if cert_cfg.num_shards > 1 or cert_cfg.merge:
-            fp = rows_fingerprint(model, cert_cfg, base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
-                                  device=device)
+            fp = rows_fingerprint(model, points, cert_cfg, base_sigma=noise["sigma"], grid=grid,
+                                  dataset=datamodule.info.name, device=device)
             if cert_cfg.merge:
                 summary = merge_and_summarize(model, points, output_dir, cert_cfg, shard_folders(cert_cfg.shard_dirs),
                                               fp=fp, **kw)
