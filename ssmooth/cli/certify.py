@@ -3,7 +3,7 @@
   ssmooth-certify ckpt=outputs/runs/RUN/checkpoints/last.ckpt
   ssmooth-certify ckpt=PATH certify.skip=20 certify.n=100000 certify.alpha=0.001        # Cohen's protocol
   ssmooth-certify ckpt=PATH certify.policy=samplewise certify.allocation=lp             # per-point levels
-  ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=../shared/data          # data from .npz
+  ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=DIR                      # data from .npz
 
 Many devices and cluster jobs (docs/DISTRIBUTED.md): every point draws its noise from its own streams, so
 these give the same rows as one process.
