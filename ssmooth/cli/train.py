@@ -143,9 +143,13 @@ def build_loggers(logger_cfg: dict, output_dir: Path, resume_epoch: int | None =
         if options.get("_target_", "").endswith("ResumableCSVLogger"):
             options["resume_epoch"] = resume_epoch  # keep the rows of the epochs the checkpoint holds
         try:
-            loggers.append(instantiate(options))
+            logger = instantiate(options)
         except Exception as err:
             raise ConfigError(f"logger.{name}: {_root_cause(err)}") from None
+        if name == "wandb":
+            # Lightning always passes wandb's deprecated `anonymous` setting, and wandb warns about it on every run.
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
@@ -155,11 +159,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers, callbacks):
     from hydra.utils import instantiate
 
     extra = {}
-    if cfg.trainer.get("enable_progress_bar") and not sys.stderr.isatty():
+    if not sys.stderr.isatty():
         # Written to a file (SLURM, a redirect): one line per epoch, not a bar redrawn into one huge line.
+        extra["enable_progress_bar"] = False
+    if not extra.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar")):
         from ssmooth.lit.logging import epoch_line_callback
 
-        extra["enable_progress_bar"] = False
         callbacks = [*callbacks, epoch_line_callback()]
     try:
         return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
@@ -252,7 +257,7 @@ def check_run_folder(cfg: DictConfig, output_dir: Path) -> str:
         ways_out += f", or certify its model with: ssmooth-certify ckpt={last} certify.KEY=VALUE"
     state = "a finished run" if finished else "a run"
     raise ConfigError(f"{output_dir} already holds {state} with other settings: {'; '.join(differences)}. "
-                      f"{ways_out.capitalize()} (the folder is left as it is)")
+                      f"{ways_out[0].upper()}{ways_out[1:]} (the folder is left as it is)")
 
 
 def _training_done(last: Path, cfg: DictConfig) -> bool:
@@ -294,8 +299,12 @@ def _hydra_overrides() -> list[str] | None:
 
 
 def _announce_defaults(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     overrides = _hydra_overrides()
     if overrides is None or any(o.lstrip("+~").split("=")[0] == "experiment" for o in overrides):
+        return
+    if HydraConfig.get().job.get("num", 0):  # said once, by a sweep's first job
         return
     if cfg.get("name") == "demo":
         log.info("No experiment= given: running the demo (experiment=demo: 8x8 digits, an MLP, sigma 0.25). Pick a "
@@ -456,8 +465,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         log.info(f"continuing {output_dir} from epoch {resume_epoch + 1} to {cfg.trainer.max_epochs}"
                  + (f"; the certification of the {saved_epochs}-epoch model is kept in {earlier}" if earlier else ""))
     elif action == "resume":
-        log.info(f"resuming {output_dir} from its last checkpoint (epoch {resume_epoch + 1} of "
-                 f"{cfg.trainer.max_epochs} done)")
+        log.info(f"resuming {output_dir} from its last checkpoint ({resume_epoch + 1} of "
+                 f"{cfg.trainer.max_epochs} epochs done)")
     # Written only now, when these settings run in this folder (the check above refused any others).
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
