@@ -328,12 +328,14 @@ def test_two_jobs_started_in_the_same_second_get_different_folders(tmp_path):
 
 def test_a_samplewise_checkpoint_is_certified_samplewise_unless_told_otherwise(tmp_path):
     pretrain = tmp_path / "pretrain"
-    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false"]))
+    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false", "model.hidden=[32]"]))
     finetune = tmp_path / "finetune"
     summary = train_cli.run(compose_cfg("train", [
         f"output_dir={finetune}", *TINY, "stage=finetune", f"pretrained={pretrain / 'checkpoints' / 'last.ckpt'}",
         "noise=samplewise", "noise.num_draws=2"]))
     assert summary["sigma_policy"] == "samplewise" and "samplewise_fill" in summary["variants"]
+    # the saved config says what ran: the architecture came from the pretrained checkpoint, not model=mlp's default
+    assert OmegaConf.load(finetune / "config.yaml").model.hidden == [32]
     ckpt = finetune / "checkpoints" / "last.ckpt"
     constant = certify_cli.run(compose_cfg("certify", [
         f"ckpt={ckpt}", f"output_dir={tmp_path / 'cert'}", "certify.policy=constant", "certify.n=100",

@@ -191,12 +191,10 @@ def checkpoint_meta(cfg: DictConfig, info, noise, model_cfg: dict) -> dict:
 
 
 def resolve_resume(ckpt_path, output_dir: Path, action: str):
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if action in ("resume", "continue"):
-        return str(last)
+    """The checkpoint training starts from: an explicit ckpt_path=PATH, else the folder's last.ckpt when the run
+    folder check says to resume or continue (ckpt_path=last with nothing saved yet starts fresh)."""
     if ckpt_path is None or ckpt_path == "last":
-        # "last" with nothing to resume starts fresh: a re-run sweep job that never saved continues cleanly.
-        return None
+        return str(output_dir / "checkpoints" / "last.ckpt") if action in ("resume", "continue") else None
     if Path(ckpt_path).is_dir():
         raise ConfigError(f"ckpt_path={ckpt_path} is a folder, not a checkpoint{_checkpoints_in(ckpt_path)}")
     if not Path(ckpt_path).is_file():
@@ -218,7 +216,6 @@ RESULT_NEUTRAL_KEYS = (
     "trainer.log_every_n_steps", "certify.progress", "dataset.num_workers", "dataset.root", "dataset.npz_dir",
     "dataset.download",
 )
-FOLDER_ACTIONS = ("fresh", "skip", "resume", "continue")
 
 
 def check_run_folder(cfg: DictConfig, output_dir: Path) -> str:
