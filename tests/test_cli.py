@@ -1,6 +1,7 @@
 """The Hydra apps: every experiment config runs, bad settings fail early and clearly, DDP on CPU, resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,14 +205,31 @@ def test_sweep_runs_each_job_in_its_own_folder_and_reports_one_table(tmp_path):
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["sigma"] for p in summaries} == {0.25, 0.5}
+    # folders and run names show what the sweep varies
+    assert [p.parent.name for p in summaries] == ["0_noise.sigma=0.25", "1_noise.sigma=0.5"]
+    assert sorted(json.loads(p.read_text())["name"] for p in summaries) == [
+        "digits_mlp_gaussian_s0.25 noise.sigma=0.25", "digits_mlp_gaussian_s0.5 noise.sigma=0.5"]
+    log_file = (sweep / "0_noise.sigma=0.25" / "train.log").read_text()
+    assert "rows, summary and plot" in log_file and "epoch 1/1" in log_file  # the run's lines, in its log
     # re-running the sweep skips the finished jobs
     again = subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=300)
-    assert again.stdout.count("already finished") == 2
+    assert again.stdout.count("already finished with the same settings") == 2
+    # ... and refuses other settings, naming the difference, without touching the saved config
+    saved = (sweep / "0_noise.sigma=0.25" / "config.yaml").read_bytes()
+    changed = [c if c != "certify.n0=8" else "certify.n0=9" for c in cmd]
+    refused = subprocess.run(changed, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {sweep / '0_noise.sigma=0.25'} already holds a finished run with other settings: certify.n0=9 "
+        f"(was 8). Use a new folder, or certify its model with: ssmooth-certify "
+        f"ckpt={sweep / '0_noise.sigma=0.25' / 'checkpoints' / 'last.ckpt'} certify.KEY=VALUE (the folder is left "
+        "as it is)"]
+    assert (sweep / "0_noise.sigma=0.25" / "config.yaml").read_bytes() == saved
     from ssmooth.cli import report as report_cli
 
     assert report_cli.main([str(sweep)]) == 0
     table = (sweep / "report.md").read_text()
-    assert "0.25" in table and "0.5" in table
+    assert "noise.sigma=0.25" in table and "noise.sigma=0.5" in table
 
 
 def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
@@ -237,6 +255,67 @@ def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
     assert built.max_epochs == cfg.trainer.max_epochs
 
 
+def _interrupt_when(cmd, cwd, ready) -> subprocess.CompletedProcess:
+    """Start ``cmd``, send Ctrl-C (SIGINT) once ``ready()`` holds, return its exit status and output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", err)
+
+
+def test_ctrl_c_in_training_says_what_was_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    from ssmooth.cli.common import Interrupted, exit_on_config_error
+    from ssmooth.lit.module import SmoothingModule
+
+    def ctrl_c(self):
+        if self.current_epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SmoothingModule, "on_train_epoch_start", ctrl_c, raising=False)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # Lightning would ignore SIGINT for the rest of pytest
+    cfg = compose_cfg("train", [f"output_dir={tmp_path}", *TINY, "trainer.max_epochs=5"])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(Interrupted, match=rf"^training stopped in epoch 3 of 5; kept {last} \(2 epochs done\); "
+                                          rf"re-run with output_dir={tmp_path} to resume$"):
+        train_cli.run(cfg)
+    assert not (tmp_path / "summary.json").exists()
+
+    def interrupted_task(cfg):
+        raise Interrupted("kept 3/9 rows")
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_config_error(interrupted_task)(cfg)
+    assert exit_.value.code == 130
+    assert [line for line in capsys.readouterr().err.splitlines() if line] == ["interrupted: kept 3/9 rows"]
+
+
+@pytest.mark.cli
+def test_ctrl_c_in_certification_says_how_many_rows_were_kept_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    tsv = run / "certify.tsv"
+    cmd = [sys.executable, "-m", "ssmooth.cli.train", "~experiment", "trainer.max_epochs=1", "certify.progress=false",
+           f"hydra.run.dir={run}", "certify.n=20000", "certify.n0=10", "certify.points_per_group=2",
+           "certify.batch_size=4000", "certify.skip=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tsv.is_file() and tsv.read_text().count("\n") > 4):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and len(lines) == 1, err
+    kept = pd.read_csv(tsv, sep="\t")
+    assert 4 <= len(kept) < 120
+    assert lines[0] == (f"interrupted: certification stopped: kept {len(kept)}/120 rows in certify.tsv in {run}; "
+                        f"re-run the same command with hydra.run.dir={run} to resume")
+
+
 @pytest.mark.cli
 def test_two_jobs_started_in_the_same_second_get_different_folders(tmp_path):
     cmd = [sys.executable, "-m", "ssmooth.cli.train", "--cfg", "hydra", "--resolve"]
@@ -252,12 +331,14 @@ def test_two_jobs_started_in_the_same_second_get_different_folders(tmp_path):
 
 def test_a_samplewise_checkpoint_is_certified_samplewise_unless_told_otherwise(tmp_path):
     pretrain = tmp_path / "pretrain"
-    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false"]))
+    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false", "model.hidden=[32]"]))
     finetune = tmp_path / "finetune"
     summary = train_cli.run(compose_cfg("train", [
         f"output_dir={finetune}", *TINY, "stage=finetune", f"pretrained={pretrain / 'checkpoints' / 'last.ckpt'}",
         "noise=samplewise", "noise.num_draws=2"]))
     assert summary["sigma_policy"] == "samplewise" and "samplewise_fill" in summary["variants"]
+    # the saved config says what ran: the architecture came from the pretrained checkpoint, not model=mlp's default
+    assert OmegaConf.load(finetune / "config.yaml").model.hidden == [32]
     ckpt = finetune / "checkpoints" / "last.ckpt"
     constant = certify_cli.run(compose_cfg("certify", [
         f"ckpt={ckpt}", f"output_dir={tmp_path / 'cert'}", "certify.policy=constant", "certify.n=100",
