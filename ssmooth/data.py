@@ -9,10 +9,14 @@ Sources:
   * ``torchvision`` (mnist, cifar10): files under ``root``; ``download=True`` lets torchvision fetch them.
   * ``npz`` (mnist, cifar10): ``images`` uint8 (MNIST NHW, CIFAR NHWC) or float in [0,1], ``labels`` int64,
     optional ``index``; ``NPZ_FILES`` gives the file names under ``npz_dir``.
+  * ``imagefolder`` (imagenet): ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``, torchvision's
+    ImageFolder layout (torchvision's ``ImageNet`` class, which unpacks the devkit tarballs, is not used).
 
-Every loaded split is checked: a NaN or infinite pixel, or one outside [0,1], is refused with the file named.
+Every split held in memory is checked: a NaN or infinite pixel, or one outside [0,1], is refused with the file
+named.
 
-Whole splits are held in memory as one float32 tensor (CIFAR-10 train: 50000 x 3072 floats, about 600 MB).
+MNIST, CIFAR-10 and digits splits are held in memory as one float32 tensor (CIFAR-10 train: 50000 x 3072 floats,
+about 600 MB). ImageNet is decoded from its files on each access (``ImageFileDataset``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 SPLITS = ("train", "test")
-SOURCES = ("auto", "sklearn", "torchvision", "npz")
+SOURCES = ("auto", "sklearn", "torchvision", "npz", "imagefolder")
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,16 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(
         "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), ("torchvision", "npz")
     ),
+    # Cohen et al.'s protocol: 224x224 crops, ImageNet statistics as the model's first layer, radii 0 to 3
+    "imagenet": DatasetInfo(
+        "imagenet", (3, 224, 224), 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), ("imagefolder",),
+        default_radii=(0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
+    ),
 }
+
+# ImageFolder split folders under ``root`` (the test split is ImageNet's validation set, as in Cohen et al.)
+IMAGEFOLDER_SPLITS = {"train": "train", "test": "val"}
+IMAGENET_RESIZE, IMAGENET_CROP = 256, 224
 
 # Default file names under ``npz_dir`` (the CIFAR-10 files hold canonical items 0..k-1).
 NPZ_FILES: dict[tuple[str, str], str] = {
@@ -145,15 +158,18 @@ def load_split(
     npz_dir: str | Path | None = None,
     augment: bool = False,
 ) -> IndexedDataset:
-    """Load one split (``"train"`` or ``"test"``) of dataset ``name`` into memory.
+    """Load one split (``"train"`` or ``"test"``) of dataset ``name``: into memory, or for ``imagefolder`` as a
+    list of files decoded on access.
 
     ``npz_path`` names the file explicitly; otherwise it is ``npz_dir / NPZ_FILES[name, split]``. ``augment``
-    turns on the train-time augmentation of datasets that have one (CIFAR-10), on the train split only.
+    turns on the train-time augmentation of datasets that have one (CIFAR-10, ImageNet), on the train split only.
     """
     info = dataset_info(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     source = resolve_source(name, source)
+    if source == "imagefolder":
+        return load_imagefolder(info, split, Path(root), augment=augment and split == "train")
     if source == "sklearn":
         images, labels, indices = _load_digits(split)
     elif source == "torchvision":
@@ -273,8 +289,91 @@ def _to_unit_float(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.contiguous().float().div_(255.0)
 
 
+class ImageFileDataset(Dataset):
+    """Image files decoded on access, with labels ``[N]`` and dataset indices ``[N]``; item i is
+    ``(transform(RGB image), y, index)``. Used where a split does not fit in memory as one tensor (ImageNet)."""
+
+    def __init__(self, paths: Sequence[str], labels: torch.Tensor, indices: torch.Tensor,
+                 transform: Callable[..., torch.Tensor]):
+        if not (len(paths) == len(labels) == len(indices)):
+            raise ValueError(f"paths, labels, indices differ in length: {len(paths)}, {len(labels)}, {len(indices)}")
+        self.paths = list(paths)
+        self.labels = torch.as_tensor(labels).long()
+        self.indices = torch.as_tensor(indices).long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        with Image.open(self.paths[position]) as image:
+            x = self.transform(image.convert("RGB"))
+        return x, self.labels[position], self.indices[position]
+
+    def subset(self, positions: Sequence[int] | torch.Tensor | slice) -> ImageFileDataset:
+        """The items at ``positions`` (positions in this dataset, not dataset indices), same transform."""
+        chosen = torch.arange(len(self))[positions] if isinstance(positions, slice) else \
+            torch.as_tensor(positions, dtype=torch.long)
+        return ImageFileDataset([self.paths[p] for p in chosen.tolist()], self.labels[chosen], self.indices[chosen],
+                                self.transform)
+
+
+def imagenet_transform(train: bool) -> Callable[..., torch.Tensor]:
+    """Cohen et al.'s ImageNet preprocessing, to a float tensor in [0,1] (normalization is the model's job):
+    training: random-resized crop 224 + horizontal flip; test: resize the short side to 256, center crop 224."""
+    from torchvision.transforms import v2
+
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(IMAGENET_CROP), v2.RandomHorizontalFlip(), *to_tensor])
+    return v2.Compose([v2.Resize(IMAGENET_RESIZE), v2.CenterCrop(IMAGENET_CROP), *to_tensor])
+
+
+def load_imagefolder(info: DatasetInfo, split: str, root: Path, augment: bool = False) -> ImageFileDataset:
+    """One split of an ImageFolder tree: ``root/train/<class>/<image>`` or ``root/val/<class>/<image>``.
+
+    Items are in ImageFolder's order (classes sorted by folder name, files sorted within each), so the dataset
+    index of a validation image is its position in that order, as in Cohen et al.'s code: ``certify.skip=100``
+    gives their 500 images. A label is the position of its class folder among the SORTED folders of
+    ``root/train`` (of ``root/val`` when there is no train folder), so both splits agree on every label.
+    """
+    import warnings
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    folder = root / IMAGEFOLDER_SPLITS[split]
+    layout = f"{root}/train/<class>/<image> and {root}/val/<class>/<image> (torchvision's ImageFolder layout)"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{info.name} {split} images not found: no folder {folder}. Set dataset.root to a "
+                                f"folder laid out as {layout}")
+    reference = root / IMAGEFOLDER_SPLITS["train"]
+    reference = reference if reference.is_dir() else folder
+    try:
+        classes, class_to_idx = find_classes(str(reference))
+        own_classes, _ = find_classes(str(folder))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; expected {layout}") from None
+    unknown = sorted(set(own_classes) - set(classes))
+    if unknown:
+        raise ValueError(f"{folder} has class folders that {reference} lacks: {unknown[:5]}; both splits need the "
+                         "same classes, or the labels would not match")
+    if len(classes) > info.num_classes:
+        raise ValueError(f"{reference} has {len(classes)} class folders; {info.name} has {info.num_classes} classes")
+    if len(classes) != info.num_classes:
+        warnings.warn(f"{reference} has {len(classes)} class folders, not {info.num_classes}: labels are positions "
+                      f"among these folders and do not match models trained on all of {info.name}", stacklevel=2)
+    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {folder}; expected {layout}")
+    paths = [path for path, _ in samples]
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    return ImageFileDataset(paths, labels, torch.arange(len(paths)), imagenet_transform(train=augment))
+
+
 class SmoothingDataModule(L.LightningDataModule):
-    """Train split for training, test split for validation and certification.
+    """Train split for training, test split for validation and certification (ImageNet: its validation set).
 
     ``train_subset``/``val_subset``: first k items only (CPU-sized runs). The train loader shuffles with a
     generator seeded by ``seed``; under DDP Lightning swaps in a DistributedSampler, which shuffles by epoch.

@@ -28,12 +28,14 @@ def select_sigma(
     batch_size: int = 1024,
     soft: bool = False,
     clip: tuple[float, float] | None = None,
+    *,
+    streams: Sequence | None = None,
 ) -> torch.Tensor:
     """Best level from `grid` for each sample of `x`: float32 [B] on x's device, values from the grid.
 
     Ties between levels go to the smaller one. See `sigma_scores` for the arguments.
     """
-    scores = sigma_scores(model, x, grid, num_samples, labels, generator, batch_size, soft, clip)
+    scores = sigma_scores(model, x, grid, num_samples, labels, generator, batch_size, soft, clip, streams=streams)
     levels = torch.tensor([float(s) for s in grid], dtype=torch.float64, device=scores.device)
     order = torch.argsort(levels, stable=True)
     # argmax returns the first maximum: with columns in ascending order, ties (and all -inf) pick the smallest.
@@ -51,6 +53,8 @@ def sigma_scores(
     batch_size: int = 1024,
     soft: bool = False,
     clip: tuple[float, float] | None = None,
+    *,
+    streams: Sequence | None = None,
 ) -> torch.Tensor:
     """Score of every level for every sample: float64 [B, len(grid)], columns in grid order, on x's device.
 
@@ -59,6 +63,9 @@ def sigma_scores(
     x: [B, *shape]. grid: candidate levels (> 0). num_samples: draws per sample and level.
     labels: [B] for training-time selection; None at test time (the predicted class at each level is used).
     generator: source of the noise; drawn on its own device and moved to the model's.
+    streams: instead of ``generator``, one noise stream per sample (``ssmooth.certify.streams``) serving at
+        least len(grid) * num_samples draws: level k takes draws k * m .. (k + 1) * m - 1 of the sample's
+        stream, so the result does not depend on the batching or on the other samples of the call.
     batch_size: noisy inputs per forward pass; copies of different samples and levels share batches.
     soft: mean softmax probability instead of the fraction of hard votes.
     clip: bounds on p before Phi^-1, default (1 / (2 m), 1 - 1 / (2 m)) for m = num_samples. Hard votes take
@@ -80,7 +87,9 @@ def sigma_scores(
     if x.shape[0] == 0:
         return torch.empty(0, len(levels), dtype=torch.float64, device=x.device)
     device = _model_device(model, x)
-    probs = _class_probabilities(model, x.to(device), levels, num_samples, generator, batch_size, soft)
+    if streams is not None and len(streams) != x.shape[0]:
+        raise ValueError(f"{len(streams)} noise streams for {x.shape[0]} samples")
+    probs = _class_probabilities(model, x.to(device), levels, num_samples, generator, batch_size, soft, streams)
     num_levels, num_points, _ = probs.shape
     top = probs.argmax(dim=2)  # [S, B]
     if labels is None:
@@ -93,12 +102,19 @@ def sigma_scores(
     return scores.T.to(x.device)
 
 
-def _class_probabilities(model, x, levels, num_samples, generator, batch_size, soft):
+def _class_probabilities(model, x, levels, num_samples, generator, batch_size, soft, streams=None):
     """[S, B, num_classes]: vote fractions (or mean softmax) of f(x + s * eps) for every level s."""
     num_points = x.shape[0]
     total = len(levels) * num_points * num_samples  # flat index: (level, point, draw)
     sig = torch.tensor(levels, dtype=x.dtype, device=x.device)
     noise_device = generator.device if generator is not None else x.device
+    if streams is not None:
+        from ssmooth.certify.streams import fill_from_streams
+
+        # row = level * B + point; a point's rows come level by level, the order its stream serves them
+        rows_point = [r % num_points for r in range(len(levels) * num_points)]
+        row_offsets = [r * num_samples for r in range(len(levels) * num_points + 1)]
+        eps_buffer = torch.empty((min(batch_size, total), *x.shape[1:]), device=x.device, dtype=x.dtype)
     sums = None
     was_training = model.training
     model.eval()
@@ -108,7 +124,11 @@ def _class_probabilities(model, x, levels, num_samples, generator, batch_size, s
                 flat = torch.arange(start, min(start + batch_size, total), device=x.device)
                 row = flat // num_samples  # level * B + point
                 point = row % num_points
-                eps = torch.randn((len(flat), *x.shape[1:]), generator=generator, device=noise_device, dtype=x.dtype)
+                if streams is not None:
+                    eps = fill_from_streams(eps_buffer, streams, rows_point, row_offsets, start, start + len(flat))
+                else:
+                    eps = torch.randn((len(flat), *x.shape[1:]), generator=generator, device=noise_device,
+                                      dtype=x.dtype)
                 scale = sig[row // num_points].view(-1, *([1] * (x.ndim - 1)))
                 logits = model(x[point] + scale * eps.to(x.device))
                 if soft:

@@ -47,3 +47,22 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "mnist" / "mnist_test.npz").is_file():
         pytest.skip("../shared/data is not beside the checkout")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_imagenet(tmp_path) -> Path:
+    """An ImageFolder tree like ImageNet's (train/ and val/ class folders) with 2 classes of 40x50 random-pixel
+    PNG images: 3 per class for training, 2 per class for validation."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imagenet"
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 3), ("val", 2)):
+        for wnid in ("n01440764", "n01443537"):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                pixels = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{wnid}_{k}.png")
+    return root

@@ -177,3 +177,33 @@ def test_bad_arguments_are_rejected():
         certify(Constant(0), torch.zeros(1, 2), -0.5, n0=1, n=10, alpha=0.1, num_classes=3)
     with pytest.raises(ValueError, match="n0"):
         certify(Constant(0), torch.zeros(1, 2), 0.5, n0=0, n=10, alpha=0.1, num_classes=3)
+
+
+class Recorder(nn.Module):
+    """Class 0 always; keeps every input it sees (with x = 0 that is exactly the noise sigma * eps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return torch.stack([torch.ones(len(x)), torch.zeros(len(x))], dim=1)
+
+
+@pytest.mark.parametrize("sigma", [0.7, 0.1])  # float32 rounds 0.7 down and 0.1 up
+def test_noise_and_radius_use_one_sigma_and_the_radius_stays_float64(sigma):
+    model, n0, n, alpha = Recorder(), 4, 8, 0.1
+    cert = certify(model, torch.zeros(1, 1, 2, 3), sigma, n0=n0, n=n, alpha=alpha, batch_size=64, num_classes=2,
+                   generator=gen(3))
+    g = gen(3)
+    eps = [torch.randn(k, 1, 2, 3, generator=g) for k in (n0, n)]
+    sigma32 = torch.tensor(sigma, dtype=torch.float32)
+    for seen, e in zip(model.seen, eps):
+        assert torch.equal(seen, e * sigma32)  # drawn at float32(sigma) ...
+    # ... and certified at exactly that value: all n votes agree, so pA_lower = alpha ** (1 / n)
+    assert cert.radius.dtype == torch.float64 and cert.pA_lower.dtype == torch.float64
+    pA_lower = alpha ** (1 / n)
+    assert cert.pA_lower.item() == pytest.approx(pA_lower, rel=1e-12)
+    assert cert.radius.item() == float(sigma32) * norm.ppf(cert.pA_lower.item())
+    assert cert.radius.item() != float(np.float32(cert.radius.item()))  # no float32 rounding on the way

@@ -48,6 +48,9 @@ def test_every_experiment_config_runs_one_step(experiment, tmp_path, request):
     shared = request.getfixturevalue("shared_data") if experiment.startswith(("mnist", "cifar10")) else None
     extra = ["model.depth=20"] if "cifar10" in experiment else []
     extra += ["noise.num_draws=2"] if "samplewise" in experiment or experiment == "demo" else []
+    if experiment.startswith("imagenet"):  # a tiny ImageFolder; a small net keeps 224 px steps fast on a CPU
+        extra += [f"dataset.root={request.getfixturevalue('tiny_imagenet')}", "model.name=tiny",
+                  "trainer.precision=32-true", "dataset.pin_memory=false"]
     tiny = [o for o in TINY if not o.startswith("~experiment")]
     cfg = compose_cfg("train", [f"experiment={experiment}", f"output_dir={tmp_path}", *tiny, *extra,
                                 *data_overrides(experiment, shared)])
@@ -343,6 +346,65 @@ def test_a_samplewise_checkpoint_is_certified_samplewise_unless_told_otherwise(t
     assert constant["sigma_policy"] == "constant" and set(constant["variants"]) == {"constant"}
 
 
+@pytest.mark.cli
+def test_two_processes_and_two_shards_give_the_rows_of_one_process(tmp_path):
+    # The real launch: Lightning Fabric starts a second process (gloo) from the command line, each certifies
+    # half of the points, rank 0 merges. The shards run in-process; a merge missing a shard exits 2.
+    cfg = compose_cfg("train", [f"output_dir={tmp_path / 'train'}", *TINY, "certify.enabled=false"])
+    train_cli.run(cfg)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    common = [f"ckpt={ckpt}", "certify.n=200", "certify.n0=10", "certify.max=9", "certify.skip=1",
+              "certify.progress=false"]
+    one = certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'one'}"]))
+    for k in (0, 1):
+        certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / f'shard{k}'}",
+                                                "certify.num_shards=2", f"certify.shard={k}"]))
+    shard_dirs = f"certify.shard_dirs=[{tmp_path / 'shard0'},{tmp_path / 'shard1'}]"
+    merged = certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'merged'}",
+                                                     "certify.merge=true", shard_dirs]))
+    with pytest.raises(ConfigError, match=r"part\(s\) \[1\] of 2 missing"):
+        certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'bad'}", "certify.merge=true",
+                                                f"certify.shard_dirs=[{tmp_path / 'shard0'}]"]))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ssmooth.cli.certify", *common, f"hydra.run.dir={out}",
+                           "distributed=ddp_cpu", "distributed.devices=2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[["idx", "predict", "radius", "sigma"]]
+    for name in ("merged", "ddp"):
+        rows = pd.read_csv(tmp_path / name / "certify.tsv", sep="\t")[["idx", "predict", "radius", "sigma"]]
+        assert rows.equals(reference), name
+    assert merged["variants"] == one["variants"]
+    ranks = [pd.read_csv(out / "parts" / f"rank{r}" / "certify.tsv", sep="\t")["idx"].tolist() for r in (0, 1)]
+    assert ranks == [reference["idx"].tolist()[0::2], reference["idx"].tolist()[1::2]]  # both ranks did work
+    assert json.loads((out / "summary.json").read_text())["variants"] == one["variants"]
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_ddp_training_certifies_on_every_rank_with_the_rows_of_one_process(tmp_path):
+    # strategy=ddp re-runs the command in a second process, which certifies its half after fit (ddp_fork would
+    # return to one process after fit).
+    out = tmp_path / "ddp"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+           "trainer.sync_batchnorm=false", "certify.max=6", "certify.n=200"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ssmooth.cli.train", *TINY, *ddp, f"hydra.run.dir={out}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parts = out / "parts"
+    assert [len(pd.read_csv(parts / f"rank{r}" / "certify.tsv", sep="\t")) for r in (0, 1)] == [3, 3]
+    alone = certify_cli.run(compose_cfg("certify", [f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+                                                    f"output_dir={tmp_path / 'one'}", "certify.max=6",
+                                                    "certify.n=200", "certify.n0=8", "certify.batch_size=64",
+                                                    "certify.progress=false"]))
+    columns = ["idx", "predict", "radius", "sigma"]
+    rows = pd.read_csv(out / "certify.tsv", sep="\t")[columns]
+    assert rows.equals(pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[columns])
+    assert json.loads((out / "summary.json").read_text())["variants"] == alone["variants"]
+
+
 def test_a_run_folder_skips_the_same_settings_refuses_others_and_continues_with_more_epochs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # dataset.root is relative: the checkpoint must store it absolute
     run = tmp_path / "run"
@@ -474,4 +536,4 @@ def test_help_lists_the_groups_each_command_takes(monkeypatch, capsys):
     train_cli.main()
     text = capsys.readouterr().out
     assert "experiment: cifar10_gaussian |" in text and "(default: demo)" in text
-    assert "model: cifar_resnet | lenet | mlp   (default: mlp)" in text
+    assert re.search(r"^  model: cifar_resnet \| .*lenet \| mlp.*\(default: mlp\)$", text, re.M)

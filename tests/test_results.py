@@ -1,4 +1,6 @@
 """Row files: flushed, resumable after a kill mid-line, never a duplicated index, radii written exactly."""
+import os
+
 import pandas as pd
 import pytest
 
@@ -21,6 +23,46 @@ def test_resume_after_a_torn_line_keeps_complete_rows_and_skips_them(tmp_path):
     writer.close()
     frame = pd.read_csv(path, sep="\t")
     assert frame["idx"].tolist() == [0, 5, 9, 12]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interrupted_repair_never_touches_complete_rows(tmp_path, monkeypatch, when):
+    path = tmp_path / "certify.tsv"
+    with RowWriter(path) as writer:
+        writer.write([row(i, radius=0.1 * i) for i in range(5)])
+    complete = path.read_bytes()
+    inode = path.stat().st_ino
+    with open(path, "ab") as f:
+        f.write(b"5\t1\t1\t0.123")  # a kill in the middle of a row
+    truncate = os.truncate
+
+    def interrupted(p, length):
+        if when == "after":
+            truncate(p, length)
+        raise KeyboardInterrupt  # Ctrl-C (or a kill) during the repair
+
+    monkeypatch.setattr(os, "truncate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        RowWriter(path)
+    # Either the tail is still there or it is gone; the complete rows are byte-identical, in the same file.
+    assert path.read_bytes() in (complete, complete + b"5\t1\t1\t0.123")
+    assert path.stat().st_ino == inode
+    monkeypatch.setattr(os, "truncate", truncate)
+    with RowWriter(path) as writer:
+        assert writer.done == {0, 1, 2, 3, 4}
+    assert path.read_bytes() == complete
+
+
+def test_a_torn_header_restarts_the_file_and_a_garbled_row_is_refused(tmp_path):
+    path = tmp_path / "certify.tsv"
+    path.write_text("idx\tlab")
+    with RowWriter(path) as writer:
+        assert writer.done == set()
+    assert path.read_text() == "\t".join(ROW_COLUMNS) + "\n"
+    with open(path, "a") as f:
+        f.write("3\t1\n")  # a complete line that is not a row: never guess, stop
+    with pytest.raises(ValueError, match="line 2: not a row of 7 fields"):
+        RowWriter(path)
 
 
 def test_radius_is_written_at_full_precision(tmp_path):

@@ -6,6 +6,16 @@ levels never meet: `r_i + r_j <= ||x_i - x_j||_2` for every pair with `sigma_i !
 `0 <= r_i <= R_i`. Each certificate "constant on B(x_i, r_i)" then holds with probability >= 1 - alpha.
 Abstained points (R_i = 0) impose no constraint and get r_i = 0; points of the same level never conflict.
 
+What a point that keeps its answer owns: its centre x_i and the open ball B(x_i, r_i). Even when its radius is
+cut to r_i = 0 it still claims g_{sigma_i}(x_i) = c_i, so no ball of another level may contain its centre.
+The rule for every pair of different levels where both points keep their answer is therefore
+`r_i + r_j <= d_ij` AND `d_ij > 0`: with r_i = 0 this reads r_j <= d_ij (an open ball of radius exactly d_ij
+does not contain x_i), and it forbids two answers at one location.
+Duplicates (d_ij = 0, different levels): the deployed classifier has one value there, so only one level may
+keep its answers. The level of the point with the largest certified radius R (ties: the first in index order)
+keeps them; every point of another level at that location abstains (`answered` False: prediction -1,
+radius 0, counted wrong). Labels are never looked at.
+
 Rules (a pair conflicts when `R_i + R_j > d_ij`, i.e. when the raw radii cannot both be kept):
 - `halving`: r_i = min(R_i, min over conflicting j of d_ij / 2);
 - `fill` (default): halving, then in order of decreasing R_i raise r_i to min(R_i, min_j (d_ij - r_j));
@@ -15,7 +25,6 @@ Floating point: every rule allocates against `d_ij * (1 - SAFETY)`, never `d_ij`
 two float64 vectors of dimension D is computed with relative error below about D * 2^-53 (1e-12 for D = 3072),
 orders of magnitude below SAFETY = 1e-9, so `verify_allocation`, which recomputes distances its own way,
 can check `r_i + r_j <= d_ij` with an exact `<=` and no tolerance in the allocator's favour.
-Duplicate points with different levels (d_ij = 0) both get r = 0.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ class Allocation:
     num_points: int  # |T|, every evaluated point (abstentions included)
     num_conflicts: int  # pairs of different levels with R_i + R_j > d_ij
     mean_ratio: float  # mean r_i / R_i over points with R_i > 0; NaN when there are none
+    answered: np.ndarray  # bool [T]: keeps its answer; False for abstentions and dropped duplicates (predict -1)
+    num_dropped: int  # points with R > 0 that abstain because another level answers at the same location
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,10 @@ class ConflictingPairs:
 
 
 def allocate_radii(points, sigma, radius, rule: str = "fill", block_size: int = 512) -> np.ndarray:
-    """Final radii `r` (float64 [T]) with `0 <= r <= radius` and no overlap between balls of different levels."""
+    """Final radii `r` (float64 [T]) with `0 <= r <= radius` and no overlap between balls of different levels.
+
+    Radii only: where duplicates of different levels exist, `allocate(...).answered` says which points must
+    abstain, and `verify_allocation` without it refuses such a set."""
     return allocate(points, sigma, radius, rule=rule, block_size=block_size).radius
 
 
@@ -69,18 +83,42 @@ def allocate(points, sigma, radius, rule: str = "fill", block_size: int = 512) -
         raise ValueError(f"unknown allocation rule {rule!r}; valid rules: {', '.join(RULES)}")
     x, sig, big_r = _as_inputs(points, sigma, radius)
     pairs = conflicting_pairs(x, sig, big_r, block_size=block_size)
+    num_conflicts = len(pairs.i)
+    dropped = _duplicates_to_drop(x, sig, big_r, pairs)
+    live_r = np.where(dropped, 0.0, big_r)
+    if dropped.any():  # a dropped point claims nothing, so its pairs are no constraint
+        keep = ~(dropped[pairs.i] | dropped[pairs.j])
+        pairs = ConflictingPairs(pairs.i[keep], pairs.j[keep], pairs.distance[keep])
     target = pairs.distance * (1.0 - SAFETY)
     if rule == "halving":
-        r = _halving(big_r, pairs.i, pairs.j, target)
+        r = _halving(live_r, pairs.i, pairs.j, target)
     elif rule == "fill":
-        r = _fill(big_r, pairs.i, pairs.j, target)
+        r = _fill(live_r, pairs.i, pairs.j, target)
     else:
-        r = _lp(big_r, pairs.i, pairs.j, target)
+        r = _lp(live_r, pairs.i, pairs.j, target)
     # The allocator's own contract, checked cheaply on the pairs it knows; verify_allocation checks all pairs.
     r = _repair(r, pairs.i, pairs.j, target)
     positive = big_r > 0
     mean_ratio = float(np.mean(r[positive] / big_r[positive])) if positive.any() else float("nan")
-    return Allocation(r, rule, len(big_r), len(pairs.i), mean_ratio)
+    return Allocation(r, rule, len(big_r), num_conflicts, mean_ratio, answered=positive & ~dropped,
+                      num_dropped=int(np.count_nonzero(dropped)))
+
+
+def _duplicates_to_drop(x, sig, big_r, pairs: ConflictingPairs) -> np.ndarray:
+    """bool [T]: points that abstain because a point of another level sits at the same location (see the module
+    docstring: the level of the largest R there keeps its answers, ties to the first index)."""
+    dropped = np.zeros(len(big_r), dtype=bool)
+    zero = pairs.distance == 0  # exact: near-duplicates get their true, positive distance
+    if not zero.any():
+        return dropped
+    involved = np.unique(np.concatenate([pairs.i[zero], pairs.j[zero]]))
+    rows = x[torch.as_tensor(involved, device=x.device)].cpu().numpy()
+    _, group = np.unique(rows, axis=0, return_inverse=True)
+    for g in np.unique(group):
+        members = involved[group.reshape(-1) == g]  # ascending index
+        winner = members[np.argmax(big_r[members])]  # argmax takes the first of equal radii
+        dropped[members[sig[members] != sig[winner]]] = True
+    return dropped
 
 
 def conflicting_pairs(points, sigma, radius, block_size: int = 512) -> ConflictingPairs:
@@ -251,12 +289,15 @@ def _vector(values, name, length):
     return arr
 
 
-def verify_allocation(points, sigma, r, radius, block_size: int = 512) -> None:
+def verify_allocation(points, sigma, r, radius, block_size: int = 512, *, answered=None) -> None:
     """Raise AllocationError unless `r` is a sound allocation for (points, sigma, radius).
 
+    ``answered`` (bool [T]) marks the points that keep their answer; default: every point with R > 0. Checks
+    shape, finiteness, `0 <= r_i <= R_i`, that only certified points answer and only answering points have a
+    radius, and for every pair of different levels where both answer `r_i + r_j <= d_ij` with an exact `<=`
+    and `d_ij > 0` (see the module docstring: a point cut to r = 0 still owns its centre).
     Independent of the allocator on purpose: NumPy instead of torch, its own Gram filter and error bound,
-    distances recomputed from the points. Checks shape, finiteness, `0 <= r_i <= R_i`, and
-    `r_i + r_j <= d_ij` with an exact `<=` for every pair of different levels among points with R > 0.
+    distances recomputed from the points.
     """
     x = _as_float_array(points)
     if x.ndim < 1:
@@ -271,6 +312,9 @@ def verify_allocation(points, sigma, r, radius, block_size: int = 512) -> None:
             raise AllocationError(f"shape violation: {name} has shape {arr.shape}, expected ({t},)")
     if not (np.isfinite(x).all() and np.isfinite(big_r).all() and (big_r >= 0).all()):
         raise AllocationError("non-finite input: points and certified radii must be finite, radii >= 0")
+    answered = big_r > 0 if answered is None else np.asarray(answered)
+    if answered.shape != (t,) or answered.dtype != bool:
+        raise AllocationError(f"shape violation: answered must be bool ({t},), got {answered.dtype} {answered.shape}")
     if not np.isfinite(r).all():
         k = int(np.flatnonzero(~np.isfinite(r))[0])
         raise AllocationError(f"non-finite radius: r[{k}] = {float(r[k])!r}")
@@ -282,8 +326,14 @@ def verify_allocation(points, sigma, r, radius, block_size: int = 512) -> None:
         raise AllocationError(
             f"radius exceeds certified radius: r[{k}] = {float(r[k])!r} > R[{k}] = {float(big_r[k])!r}"
         )
+    if (answered & (big_r == 0)).any():
+        k = int(np.flatnonzero(answered & (big_r == 0))[0])
+        raise AllocationError(f"answer without a certificate: point {k} abstained (R = 0) but is marked answered")
+    if ((r > 0) & ~answered).any():
+        k = int(np.flatnonzero((r > 0) & ~answered)[0])
+        raise AllocationError(f"radius without an answer: r[{k}] = {float(r[k])!r} but point {k} abstains")
 
-    idx = np.flatnonzero((big_r > 0) & (r > 0))  # pairs where both r are 0 hold trivially
+    idx = np.flatnonzero(answered)  # r_i = 0 included: such a point still owns its centre
     xs, ss, rs = x[idx], sig[idx], r[idx]
     sq = np.einsum("ij,ij->i", xs, xs)
     norm = np.sqrt(sq)
@@ -293,21 +343,30 @@ def verify_allocation(points, sigma, r, radius, block_size: int = 512) -> None:
         d2 = sq[start:stop, None] + sq[None, start:] - 2.0 * (xs[start:stop] @ xs[start:].T)
         slack = bound * (norm[start:stop, None] + norm[None, start:]) ** 2
         reach = rs[start:stop, None] + rs[None, start:]
-        suspect = (d2 - slack < reach**2) & (ss[start:stop, None] != ss[None, start:])
+        # <=: two zero radii at one location (d = 0, reach = 0) must reach the exact check
+        suspect = (d2 - slack <= reach**2) & (ss[start:stop, None] != ss[None, start:])
         a, b = np.nonzero(np.triu(suspect, k=1))
         a, b = a + start, b + start
         for lo in range(0, len(a), 4096):
             pa, pb = a[lo : lo + 4096], b[lo : lo + 4096]
-            dist = np.sqrt(np.sum((xs[pa] - xs[pb]) ** 2, axis=1))
-            over = np.flatnonzero(rs[pa] + rs[pb] > dist)
+            dist = _scaled_norm(xs[pa] - xs[pb])
+            over = np.flatnonzero((rs[pa] + rs[pb] > dist) | (dist == 0))
             if len(over):
                 k = over[0]
                 i, j = int(idx[pa[k]]), int(idx[pb[k]])
+                what = "overlap between levels" if dist[k] > 0 else "one location, two levels, both answering"
                 raise AllocationError(
-                    f"overlap between levels: i = {i}, j = {j}: r_i + r_j > d_ij with r_i = {float(r[i])!r}, "
+                    f"{what}: i = {i}, j = {j}: r_i + r_j > d_ij or d_ij = 0 with r_i = {float(r[i])!r}, "
                     f"r_j = {float(r[j])!r}, d_ij = {float(dist[k])!r} "
                     f"(sigma_i = {float(sig[i])}, sigma_j = {float(sig[j])})"
                 )
+
+
+def _scaled_norm(diff: np.ndarray) -> np.ndarray:
+    """Row norms of difference vectors, scaled by the largest entry so that a tiny difference never squares to
+    0: the norm is 0 exactly when the two points are the same."""
+    scale = np.abs(diff).max(axis=1, initial=0.0)
+    return scale * np.sqrt(np.sum((diff / np.where(scale > 0, scale, 1.0)[:, None]) ** 2, axis=1))
 
 
 def _as_float_array(values):

@@ -31,22 +31,35 @@ class RowWriter:
         self._file = open(self.path, "a")
 
     def _recover(self) -> None:
-        text = self.path.read_text()
-        lines = text.split("\n")
-        header = lines[0].split("\t")
+        with open(self.path, "rb") as f:
+            data = f.read()
+        # Bytes up to the last newline are complete rows; a kill can only tear what comes after it.
+        end = data.rfind(b"\n") + 1
+        header_end = data.find(b"\n") + 1
+        if header_end == 0:
+            # Not even the header is complete, so there is no row to lose: write the header again.
+            with open(self.path, "w") as f:
+                f.write("\t".join(self.columns) + "\n")
+            return
+        header = data[: header_end - 1].decode().split("\t")
         if tuple(header) != self.columns:
             raise ValueError(
                 f"{self.path} has columns {header}, expected {list(self.columns)}: it belongs to another kind of "
                 "run; use a new output folder"
             )
-        # Everything before the last newline is complete; the tail after it was torn by a kill.
-        complete = [line for line in lines[1:-1] if line]
-        torn = lines[-1] != ""
-        for line in complete:
-            self.done.add(int(line.split("\t", 1)[0]))
-        if torn:
-            with open(self.path, "w") as f:
-                f.write("\n".join([lines[0], *complete]) + "\n")
+        for number, line in enumerate(data[header_end:end].split(b"\n")[:-1], start=2):
+            fields = line.split(b"\t")
+            if len(fields) != len(self.columns) or not fields[0].lstrip(b"-").isdigit():
+                raise ValueError(f"{self.path}, line {number}: not a row of {len(self.columns)} fields: {line[:80]!r}")
+            self.done.add(int(fields[0]))
+        if end < len(data):
+            # Cut the torn tail in place: one truncate never rewrites, and so never endangers, a complete row.
+            os.truncate(self.path, end)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def write(self, rows: list[dict]) -> None:
         for row in rows:

@@ -9,16 +9,13 @@ from torch import nn
 
 from ssmooth.certify.core import certify
 from ssmooth.certify.results import RowWriter
+from ssmooth.certify.streams import NoiseStream, point_streams
 
-# Picks the noise level of each point of a group: (x [B, *shape], generator) -> sigma [B]. It must not look at
-# labels and must draw its own noise, never the certification's.
-SigmaSelector = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def group_seed(seed: int, first_index: int) -> int:
-    """Seed of the group that starts at dataset index ``first_index``: a resumed run draws fresh, reproducible
-    noise for the points it still has to do, whatever was done before."""
-    return (int(seed) * 1_000_003 + int(first_index) * 7_919) % (2**63 - 1)
+# The per-point noise streams of one group: (purpose, draws per point) -> one stream per point of the group.
+StreamFactory = Callable[[str, int], list[NoiseStream]]
+# Picks the noise level of each point of a group: (x [B, *shape], streams) -> sigma [B]. It must not look at
+# labels and draws from the group's "level" streams, never the certification's.
+SigmaSelector = Callable[[torch.Tensor, StreamFactory], torch.Tensor]
 
 
 def certify_points(
@@ -44,6 +41,8 @@ def certify_points(
     ``sigma`` is one level for all points, or a selector choosing a level per point (sample-wise smoothing);
     with a selector the rows also carry ``radius_raw`` (the unallocated radius). Several points form a group so
     that their noisy copies share forward batches; each row's ``time`` is its share of the group's wall time.
+    Every point draws its noise from its own streams, keyed by (``seed``, dataset index, purpose): its row is the
+    same whichever group, rank or shard certifies it, and whether or not the run was resumed.
     """
     todo = [i for i in range(len(points)) if int(points[i][2]) not in writer.done]
     samplewise = callable(sigma)
@@ -52,16 +51,16 @@ def certify_points(
         x = torch.stack([item[0] for item in group]).to(device)
         labels = [int(item[1]) for item in group]
         indices = [int(item[2]) for item in group]
-        generator = torch.Generator(device=device).manual_seed(group_seed(seed, indices[0]))
         began = time.perf_counter()
         if samplewise:
-            # Selection draws come from their own generator, so certification never reuses them.
-            selector_gen = torch.Generator(device=device).manual_seed(group_seed(seed + 1, indices[0]))
-            levels = sigma(x, selector_gen).to(device=device, dtype=torch.float32)
+            def streams(purpose: str, total: int, indices=indices, x=x) -> list[NoiseStream]:
+                return point_streams(seed, indices, purpose, x.shape[1:], total, device=x.device, dtype=x.dtype)
+
+            levels = sigma(x, streams).to(device=device, dtype=torch.float32)
         else:
             levels = torch.full((len(group),), float(sigma), device=device)
         cert = certify(model, x, levels, n0=n0, n=n, alpha=alpha, batch_size=batch_size, num_classes=num_classes,
-                       generator=generator, autocast_dtype=autocast_dtype, channels_last=channels_last)
+                       seed=seed, indices=indices, autocast_dtype=autocast_dtype, channels_last=channels_last)
         elapsed = (time.perf_counter() - began) / len(group)
         rows = []
         for k, (idx, label) in enumerate(zip(indices, labels)):

@@ -5,10 +5,20 @@
   ssmooth-certify ckpt=PATH certify.policy=samplewise certify.allocation=lp             # per-point levels
   ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=DIR                      # data from .npz
 
+Many devices and cluster jobs (docs/DISTRIBUTED.md): every point draws its noise from its own streams, so
+these give the same rows as one process.
+
+  ssmooth-certify ckpt=PATH distributed=ddp distributed.devices=8                # one process per GPU
+  ssmooth-certify ckpt=PATH distributed=ddp distributed.devices=8 distributed.num_nodes=2   # on each node
+  ssmooth-certify ckpt=PATH certify.num_shards=4 certify.shard=0 hydra.run.dir=shards/0   # one job of four
+  ssmooth-certify ckpt=PATH certify.merge=true certify.shard_dirs=[shards/0,shards/1,shards/2,shards/3]
+  ssmooth-certify ckpt=PATH certify.merge=true 'certify.shard_dirs="shards/*"'          # the same, a pattern
+
 The checkpoint carries the architecture, normalization, dataset, classes and noise policy; set only the test
 subset and the sampling (certify.*), where the test split is read from (dataset.source, dataset.root,
-dataset.npz_dir) and device. Re-running into the same folder (hydra.run.dir=...) resumes where an interrupted
-run stopped; Ctrl-C says how many rows were kept.
+dataset.npz_dir), the device and the processes (distributed). Re-running into the same folder
+(hydra.run.dir=...) resumes where an interrupted run stopped, and Ctrl-C says how many rows were kept; a folder
+holding rows of another checkpoint or other settings is refused (certify.overwrite=true starts it afresh).
 """
 from __future__ import annotations
 
@@ -31,12 +41,63 @@ from ssmooth.cli.common import (
 )
 
 
-def run(cfg: DictConfig) -> dict:
+def launch(dist):
+    """Start the processes ``distributed`` asks for; returns Lightning Fabric (rank, world size, barrier, device).
+
+    Fabric starts one process per device here (re-running this command with the rank set), or takes the ranks
+    that SLURM (srun) or torchrun started. The ranks only wait for each other at one barrier, so gloo serves
+    GPUs and CPUs alike."""
+    from datetime import timedelta
+
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(hours=float(dist.timeout_hours)))
+    fabric = Fabric(accelerator=dist.accelerator, devices=dist.devices, num_nodes=dist.num_nodes, strategy=strategy)
+    fabric.launch()
+    return fabric
+
+
+def stop_children(fabric) -> None:
+    """Rank 0 failed: stop the processes it started, which would otherwise wait at the barrier until the
+    timeout (Fabric stops everything when a child fails, but not when the launching process does)."""
+    for proc in getattr(getattr(fabric.strategy, "launcher", None), "procs", []):
+        proc.terminate()
+
+
+def check_distributed(dist, cert_cfg) -> None:
+    if dist.strategy not in ("none", "ddp"):
+        raise ConfigError(f"distributed.strategy={dist.strategy!r} must be 'none' or 'ddp'")
+    if dist.num_nodes < 1:
+        raise ConfigError(f"distributed.num_nodes={dist.num_nodes!r} must be >= 1")
+    if not (dist.devices == -1 or (isinstance(dist.devices, int) and dist.devices >= 1)):
+        raise ConfigError(f"distributed.devices={dist.devices!r} must be >= 1, or -1 for every GPU")
+    if dist.strategy == "ddp" and (cert_cfg.num_shards > 1 or cert_cfg.merge):
+        raise ConfigError("certify.num_shards / certify.merge split the work into independent jobs: run each job "
+                          "with distributed=none")
+
+
+def shard_folders(shard_dirs) -> list[str]:
+    """``certify.shard_dirs``: a list of folders, or one glob pattern (``outputs/sweeps/RUN/*``)."""
+    if isinstance(shard_dirs, str):
+        import glob
+
+        found = sorted(glob.glob(shard_dirs))
+        if not found:
+            raise ConfigError(f"certify.shard_dirs={shard_dirs!r} matches no folder")
+        return found
+    return [str(d) for d in shard_dirs]
+
+
+def run(cfg: DictConfig) -> dict | None:
     from ssmooth.cli.train import build_datamodule, build_model
-    from ssmooth.evaluate import certify_model
+    from ssmooth.certify.distributed import MergeError
+    from ssmooth.certify.runfolder import RunFolderError, file_sha256
+    from ssmooth.evaluate import certify_model, certify_on_ranks, certify_part
     from ssmooth.lit.module import load_checkpoint, model_state
 
     cert_cfg = certify_config(cfg.certify)
+    check_distributed(cfg.distributed, cert_cfg)
     try:
         meta, state = load_checkpoint(cfg.ckpt)
     except (FileNotFoundError, ValueError) as err:
@@ -60,11 +121,44 @@ def run(cfg: DictConfig) -> dict:
     grid = certification_grid(cert_cfg, noise["sigma"], noise.get("grid"), f"checkpoint {cfg.ckpt}")
     points = test_points(datamodule, cert_cfg)
     output_dir = Path(cfg.output_dir)
-    with on_interrupt(lambda: certification_note(output_dir, len(points))):
-        summary = certify_model(model, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
-                                base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
-                                meta={**meta, "checkpoint": str(cfg.ckpt)}, device=resolve_device(cfg.device))
-    report_certification(summary, output_dir)
+    rank, world_size, barrier, device, fabric = 0, 1, None, resolve_device(cfg.device), None
+    if cfg.distributed.strategy == "ddp":
+        fabric = launch(cfg.distributed)
+        rank, world_size, barrier, device = fabric.global_rank, fabric.world_size, fabric.barrier, fabric.device
+        # Every rank writes into rank 0's run folder: processes that SLURM or torchrun started on several nodes
+        # each make their own folder unless told the same one.
+        root = fabric.broadcast(str(output_dir.resolve()), src=0)
+        if root != str(output_dir.resolve()):
+            raise ConfigError(f"rank {rank} runs in {output_dir}, rank 0 in {root}: give every node the same "
+                              "hydra.run.dir=... on a filesystem they share")
+    kw = dict(num_classes=datamodule.info.num_classes, base_sigma=noise["sigma"], grid=grid,
+              dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device,
+              checkpoint_sha256=file_sha256(cfg.ckpt))
+    with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
+        try:
+            if cert_cfg.merge:
+                summary = certify_model(model, points, output_dir, cert_cfg,
+                                        merge_from=shard_folders(cert_cfg.shard_dirs), **kw)
+            elif cert_cfg.num_shards > 1:
+                bar = {"desc": f"shard {cert_cfg.shard}/{cert_cfg.num_shards} certify"}
+                certify_part(model, points, output_dir, cert_cfg, part=cert_cfg.shard, num_parts=cert_cfg.num_shards,
+                             bar=bar, **kw)
+                print(f"shard {cert_cfg.shard} of {cert_cfg.num_shards} complete: {output_dir}\n"
+                      "merge all shards with certify.merge=true certify.shard_dirs=[FOLDER,...]")
+                return None
+            else:
+                summary = certify_on_ranks(model, points, output_dir, cert_cfg, rank=rank, world_size=world_size,
+                                           barrier=barrier, **kw)
+        except (MergeError, RunFolderError) as err:  # refused before any work: a bad part, another run's folder
+            if fabric is not None:
+                stop_children(fabric)
+            raise ConfigError(str(err)) from None
+        except BaseException:
+            if fabric is not None:
+                stop_children(fabric)
+            raise
+    if summary is not None:  # rank 0
+        report_certification(summary, output_dir)
     return summary
 
 

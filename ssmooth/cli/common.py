@@ -79,18 +79,26 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def on_interrupt(note: Callable[[], str]) -> Iterator[None]:
-    """Ctrl-C inside the block becomes ``Interrupted(note())``: the note is computed when the interrupt arrives, so
-    it can count the rows or checkpoints kept by then. ``exit_on_config_error`` prints it and exits 130."""
+def on_interrupt(note: Callable[[], str], folder: Path | None = None) -> Iterator[None]:
+    """Ctrl-C inside the block becomes ``Interrupted(message)``, printed by ``exit_on_config_error`` (exit 130).
+
+    The message is what the interrupted code said, when it raised a KeyboardInterrupt with one (certification
+    counts the rows it kept), with "re-run the same command" made precise for ``folder`` (run folders are
+    time-stamped, so the same command alone would start a new one); otherwise ``note()``, computed when the
+    interrupt arrives so that it can count what was kept by then."""
     try:
         yield
     except Interrupted:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        said = str(err).removeprefix("interrupted: ")
         try:
-            message = note()
-        except Exception as err:  # a note must never hide the interrupt itself
-            message = f"(what was kept is unknown: {err})"
+            if said and folder is not None:
+                message = said.replace("re-run the same command", rerun_hint(folder), 1)
+            else:
+                message = said or note()
+        except Exception as failure:  # a note must never hide the interrupt itself
+            message = said or f"(what was kept is unknown: {failure})"
         raise Interrupted(message) from None
 
 
@@ -298,12 +306,18 @@ def certification_grid(cert_cfg, base_sigma: float, trained_grid, source: str) -
 
 
 def test_points(datamodule, cert_cfg):
-    """The certification subset; an empty or inverted one (start past the end, max not above start) is a
-    ConfigError naming the keys."""
+    """The certification subset of ``certify.split``; an empty or inverted one (start past the end, max not
+    above start) is a ConfigError naming the keys."""
+    from ssmooth.evaluate import certification_points
+
     try:
-        return datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
+        points = certification_points(datamodule, cert_cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if len(points) == 0:
+        raise ConfigError(f"certify.split={cert_cfg.split} certify.start={cert_cfg.start} certify.max={cert_cfg.max} "
+                          f"certify.skip={cert_cfg.skip} selects no point")
+    return points
 
 
 def check_output_width(model, input_shape, num_classes: int, source: str) -> None:

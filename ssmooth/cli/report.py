@@ -1,10 +1,14 @@
-"""ssmooth-report: one table (markdown and LaTeX) and one plot for a run folder or a whole sweep.
+"""ssmooth-report: tables (markdown and LaTeX) and plots for runs, sweeps and published per-image logs.
 
-    ssmooth-report outputs/multirun/2024-05-01/12-00-00       # report.md, report.tex, certified_accuracy.png there
-    ssmooth-report outputs/multirun/2024-05-01/12-00-00 --out reports/sigma_sweep --radii 0 0.5 1 1.5 2
+    ssmooth-report outputs/sweeps/S                                   # report.md, report.tex, plots into S
+    ssmooth-report outputs/sweeps/S --out reports/s --radii 0 0.5 1 1.5 2
+    ssmooth-report outputs/runs/R cohen_logs/ --dataset cifar10 --out reports/vs_cohen
+    ssmooth-report outputs/runs/R --label "Cohen 0.25@cifar10=cohen/noise_0.25.tsv" --out reports/vs_cohen
 
-Every summary.json under DIR is one job; the table has a row per job and variant, the plot a curve per job and
-the envelope (best certified accuracy at each radius over the sweep). The table is also printed.
+A PATH is a run folder (it holds summary.json), a sweep folder (many runs), a published log (a TSV with the
+header "idx label predict radius correct time"; extra columns are ignored) or a folder of logs; symlinks are
+followed. Logs are summarized from their rows. Sources are compared only within one dataset: each dataset has
+its own table, envelope and plot, and a note says when two sources were certified on different test points.
 """
 from __future__ import annotations
 
@@ -13,9 +17,22 @@ import sys
 import warnings
 from pathlib import Path
 
-from ssmooth.report import load_summaries, print_table, write_report
+from ssmooth.report import group_by_dataset, load_sources, print_table, title_of, write_report
 
 PROG = "ssmooth-report"
+
+EPILOG = """\
+Published logs record no dataset, and none is guessed: say it with --dataset (every log given none) or per
+path with --label NAME@DATASET=PATH. A log without a dataset is reported in an "unknown dataset" section, with
+no envelope, never mixed into another dataset's comparison. Runs record their dataset in summary.json.
+
+The radius grid is the union of the standard grids of the datasets present (CIFAR-10 0 to 2.25 by 0.25,
+MNIST 0 to 4 by 0.5, ImageNet 0 to 3 by 0.5, others 0 to 2 by 0.25), or --radii. The envelope is the best
+SOUND certificate at each radius over every variant of every source on that dataset; per-point radii before
+the transductive allocation are an upper bound, marked in report.md and left out of report.tex and the plots
+unless --unsound.
+
+Exit status: 0, or 2 with one line on stderr for a missing path, a bad log, or nothing to report."""
 
 
 def _fail(message: str) -> int:
@@ -23,31 +40,68 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _parse_label(text: str) -> tuple[str, str | None, Path]:
+    """NAME[@DATASET]=PATH, split at the first "=" (a name holds no "="; a path may)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--label {text!r}: expected NAME=PATH or NAME@DATASET=PATH")
+    name, at, dataset = name.rpartition("@") if "@" in name else (name, "", "")
+    if at and not (name and dataset):
+        raise ValueError(f"--label {text!r}: expected NAME@DATASET=PATH with both NAME and DATASET")
+    return name, dataset or None, Path(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Returns the exit status: 0, or 2 with a message on stderr when DIR is missing or holds no run."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", type=Path, metavar="DIR", help="a run folder or a sweep folder")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: DIR)")
+    """Returns the exit status: 0, or 2 with a message on stderr (missing path, bad log, nothing found)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", type=Path, nargs="*", metavar="PATH",
+                        help="run folders, sweep folders, published logs (TSV) or folders of logs")
+    parser.add_argument("--label", action="append", default=[], metavar="NAME[@DATASET]=PATH",
+                        help="add PATH (if not given already) and name its curve NAME; @DATASET names the "
+                             "dataset of a published log. Repeatable")
+    parser.add_argument("--dataset", default=None, metavar="DATASET",
+                        help="dataset of every published log that --label gives none (e.g. cifar10)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the report (default: PATH when it is the only one and a folder)")
     parser.add_argument("--radii", type=float, nargs="+", default=None, metavar="R",
-                        help="radii of the table (default: the first run's grid)")
+                        help="radii of the tables (default: the union of the datasets' standard grids)")
+    parser.add_argument("--unsound", action="store_true",
+                        help="also put unsound upper bounds in report.tex and the plots (dotted)")
     args = parser.parse_args(argv)
     if args.radii is not None and min(args.radii) < 0:
-        parser.error(f"--radii must be >= 0, got {args.radii}")
+        return _fail(f"--radii must be >= 0, got {args.radii}")
+    try:
+        labelled = [_parse_label(text) for text in args.label]
+    except ValueError as err:
+        return _fail(str(err))
+    paths = list(dict.fromkeys([*args.paths, *(path for _, _, path in labelled)]))
+    if not paths:
+        return _fail("give at least one PATH (a run or sweep folder, or a published log)")
+    for path in paths:
+        if not path.exists():
+            return _fail(f"{path}: no such file or directory")
+    if args.out is None and not (len(paths) == 1 and paths[0].is_dir()):
+        return _fail("--out is needed when the sources are not one folder")
+    labels = {path: name for name, _, path in labelled}
+    datasets = {path: dataset for _, dataset, path in labelled if dataset}
+    radii = sorted(args.radii) if args.radii else None
 
-    if not args.dir.is_dir():
-        return _fail(f"{args.dir}: no such directory")
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # a skipped summary or a rows file at odds with it must be seen
         warnings.showwarning = lambda message, *_, **__: print(f"{PROG}: warning: {message}", file=sys.stderr)
         try:
-            summaries = load_summaries(args.dir)
+            summaries = load_sources(paths, labels=labels, dataset=args.dataset, datasets=datasets)
             if not summaries:
-                return _fail(f"{args.dir}: no summary.json found (is it a run or sweep folder?)")
-            paths = write_report(args.dir, args.out, radii=sorted(args.radii) if args.radii else None)
-        except ValueError as err:  # a summary that breaks the contract, e.g. radii and values of unequal length
+                return _fail(f"{', '.join(map(str, paths))}: no summary.json and no published log found "
+                             "(is it a run or sweep folder, or a TSV with the header "
+                             "'idx label predict radius correct time'?)")
+            written = write_report(paths, args.out, radii=radii, include_unsound=args.unsound, summaries=summaries)
+        except (ValueError, FileNotFoundError) as err:  # a bad log, a summary that breaks the contract
             return _fail(str(err))
-    print_table(summaries, radii=sorted(args.radii) if args.radii else None)
-    for path in paths.values():
+        for key, group in group_by_dataset(summaries).items():
+            print_table(group, radii=radii, title=f"{title_of(group)}: certified accuracy (%) at l2 radius r")
+    for path in [written["markdown"], written["latex"], *written["plots"], *written["pdfs"]]:
         print(path)
     return 0
 

@@ -33,7 +33,6 @@ from ssmooth.cli.common import (
     plain,
     report_certification,
     rerun_hint,
-    resolve_device,
     test_points,
 )
 
@@ -265,10 +264,16 @@ def _training_done(last: Path, cfg: DictConfig) -> bool:
     return int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 >= cfg.trainer.max_epochs
 
 
+# What training keeps in its folder; everything else there is certification output (rows, summary, fingerprint,
+# per-rank parts, plots) of the model as it was when certified.
+TRAINING_ENTRIES = ("config.yaml", "checkpoints", "csv", "wandb", ".hydra", "cert_during_training")
+
+
 def set_aside_certification(output_dir: Path, epochs: int) -> Path | None:
     """Before a finished run continues training, move its certification results (they describe the model of the
     earlier epochs) into a subfolder, with the summary renamed so that sweep reports do not take it for a run."""
-    files = [p for p in output_dir.iterdir() if p.is_file() and p.name != "config.yaml" and p.suffix != ".log"]
+    files = [p for p in output_dir.iterdir()
+             if p.name not in TRAINING_ENTRIES and p.suffix != ".log" and not p.name.startswith("certified_after_")]
     if not files:
         return None
     earlier = output_dir / f"certified_after_{epochs}_epochs"
@@ -372,7 +377,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ssmooth.evaluate import certify_model
+    from ssmooth.certify.runfolder import RunFolderError
+    from ssmooth.evaluate import certify_on_ranks
     from ssmooth.lit.module import SmoothingModule, load_checkpoint, model_state
 
     output_dir = Path(cfg.output_dir)
@@ -477,12 +483,25 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
                 if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its own cleanup
                     raise KeyboardInterrupt from None
                 raise
-        if not trainer.is_global_zero or not cert_cfg.enabled:
+        if not cert_cfg.enabled:
             return None
-        device = resolve_device("auto")
-        with on_interrupt(lambda: certification_note(output_dir, len(points))):
-            summary = certify_model(module.model, points, output_dir, cert_cfg, num_classes=info.num_classes,
-                                    base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta, device=device)
+        # Under DDP every rank certifies its share of the points; rank 0 merges, allocates and summarizes.
+        # (ddp_fork/ddp_spawn run only fit in their processes: here the launching process is alone.)
+        import torch.distributed as dist
+
+        ranks = dist.is_available() and dist.is_initialized()
+        with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
+            try:  # the trained weights are fingerprinted by their state_dict
+                summary = certify_on_ranks(module.model, points, output_dir, cert_cfg,
+                                           rank=trainer.global_rank if ranks else 0,
+                                           world_size=trainer.world_size if ranks else 1,
+                                           barrier=trainer.strategy.barrier, num_classes=info.num_classes,
+                                           base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta,
+                                           device=trainer.strategy.root_device)
+            except RunFolderError as err:
+                raise ConfigError(str(err)) from None
+        if not trainer.is_global_zero:
+            return None
         report_certification(summary, output_dir)
         from ssmooth.lit.logging import log_certification
 

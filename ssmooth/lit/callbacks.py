@@ -34,9 +34,10 @@ class CertificationCallback(Callback):
 
     The subset is every k-th test item, ``k = len(test) // num_points``, the first ``num_points`` of them: fixed
     for the whole run, so successive epochs are comparable. The noise seed is fixed too (``seed``), and each
-    point draws from its own generator seeded by its dataset index (``points_per_group=1``): its noise does not
-    depend on which rank certifies it, so a DDP run logs exactly what a single process would with the same
-    weights. Certification never touches the global RNG, so training proceeds as it would without the callback.
+    point draws from its own noise streams keyed by its dataset index: its noise does not depend on which rank
+    certifies it or which points share its forward batches, so a DDP run logs exactly what a single process
+    would with the same weights. Certification never touches the global RNG, so training proceeds as it would
+    without the callback.
 
     Runs in ``on_train_epoch_end``: once per training epoch whatever the validation schedule
     (``check_val_every_n_epoch``, ``val_check_interval < 1``, ``limit_val_batches=0``), never during the sanity
@@ -127,7 +128,8 @@ class CertificationCallback(Callback):
         with RowWriter(own) as writer:
             certify_points(pl_module.model, shard, writer, sigma=float(pl_module.noise.sigma), n0=self.n0, n=self.n,
                            alpha=self.alpha, batch_size=self.batch_size, num_classes=self.num_classes,
-                           points_per_group=1, seed=self.seed, device=pl_module.device)
+                           points_per_group=max(1, self.batch_size // self.n), seed=self.seed,
+                           device=pl_module.device)
         trainer.strategy.barrier("ssmooth_certification_rows")
         result: dict | str = {}
         if trainer.is_global_zero:

@@ -99,6 +99,6 @@ def create_model(
 
 
 # Imported last: each module registers its builders with the decorator above.
-from ssmooth.models import cifar_resnet, lenet, mlp  # noqa: E402,F401
+from ssmooth.models import cifar_resnet, lenet, mlp, resnet50  # noqa: E402,F401
 
 __all__ = ["MODELS", "Normalize", "create_model", "register_model"]

@@ -20,18 +20,25 @@ LEVELS = (0.25, 0.5, 1.0)
 
 def dense_distances(points):
     x = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
-    return np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    diff = x[:, None, :] - x[None, :, :]
+    # Scaled, so that points 1e-308 apart are not at distance 0 (the square would underflow).
+    scale = np.abs(diff).max(-1, initial=0.0)
+    return scale * np.sqrt(((diff / np.where(scale > 0, scale, 1.0)[..., None]) ** 2).sum(-1))
 
 
-def assert_sound(points, sigma, r, radius):
-    """Brute-force check, written without the module: box constraints and every different-level pair."""
+def assert_sound(points, sigma, r, radius, answered=None):
+    """Brute-force check, written without the module: box constraints, and for every different-level pair of
+    answering points (radius cut to 0 included) disjoint balls and distinct centres."""
     sigma, radius = np.asarray(sigma), np.asarray(radius)
+    answered = radius > 0 if answered is None else answered
     assert r.shape == radius.shape and r.dtype == np.float64
     assert np.all(np.isfinite(r)) and np.all(r >= 0) and np.all(r <= radius)
+    assert not np.any(answered & (radius == 0)) and not np.any((r > 0) & ~answered)
     d = dense_distances(points)
     differ = sigma[:, None] != sigma[None, :]
-    live = (radius[:, None] > 0) & (radius[None, :] > 0)
-    assert np.all(((r[:, None] + r[None, :]) <= d) | ~differ | ~live)
+    live = answered[:, None] & answered[None, :]
+    ok = ((r[:, None] + r[None, :]) <= d) & (d > 0)
+    assert np.all(ok | ~differ | ~live | np.eye(len(r), dtype=bool))
 
 
 @st.composite
@@ -51,11 +58,13 @@ def problems(draw, max_points=10):
 @given(problems())
 def test_every_rule_is_sound_and_ordered(problem):
     points, sigma, radius = problem
-    r = {rule: allocate_radii(points, sigma, radius, rule=rule) for rule in RULES}
-    for rule in RULES:
-        assert_sound(points, sigma, r[rule], radius)
-        verify_allocation(points, sigma, r[rule], radius)
+    allocations = {rule: allocate(points, sigma, radius, rule=rule) for rule in RULES}
+    r = {rule: a.radius for rule, a in allocations.items()}
+    for rule, a in allocations.items():
+        assert_sound(points, sigma, a.radius, radius, a.answered)
+        verify_allocation(points, sigma, a.radius, radius, answered=a.answered)
         assert np.all(r[rule][radius == 0] == 0)
+        assert np.array_equal(a.answered, allocations["fill"].answered)  # the drop rule does not depend on the rule
     assert np.all(r["fill"] >= r["halving"])
     assert r["lp"].sum() >= r["fill"].sum() - 1e-7
 
@@ -67,6 +76,10 @@ def test_lp_reaches_the_brute_force_optimum(problem):
     points, sigma, radius = problem
     d = dense_distances(points)
     t = len(radius)
+    dropped = brute_force_dropped(d, sigma, radius)
+    allocation = allocate(points, sigma, radius, rule="lp")
+    assert allocation.answered.tolist() == ((radius > 0) & ~dropped).tolist()
+    radius = np.where(dropped, 0.0, radius)
     live = radius > 0
     rows = [(i, j) for i in range(t) for j in range(i + 1, t) if sigma[i] != sigma[j] and live[i] and live[j]]
     a_ub = np.zeros((len(rows), t))
@@ -76,7 +89,18 @@ def test_lp_reaches_the_brute_force_optimum(problem):
     ref = scipy.optimize.linprog(-np.ones(t), A_ub=a_ub if rows else None, b_ub=b_ub if rows else None,
                                  bounds=list(zip(np.zeros(t), radius)), method="highs")
     assert ref.status == 0
-    assert allocate_radii(points, sigma, radius, rule="lp").sum() == pytest.approx(-ref.fun, abs=1e-6)
+    assert allocation.radius.sum() == pytest.approx(-ref.fun, abs=1e-6)
+
+
+def brute_force_dropped(d, sigma, radius):
+    """The duplicate rule, point by point: at a location shared by certified points of several levels, the level
+    of the largest R (first index on ties) answers; the others abstain."""
+    dropped = np.zeros(len(radius), dtype=bool)
+    for k in np.flatnonzero(radius > 0):
+        there = np.flatnonzero((d[k] == 0) & (radius > 0))
+        winner = there[np.argmax(radius[there])]
+        dropped[k] = sigma[k] != sigma[winner]
+    return dropped
 
 
 def test_three_points_by_hand():
@@ -122,11 +146,54 @@ def test_abstained_points_impose_nothing():
     assert np.isnan(allocate(points, sigma, np.zeros(3)).mean_ratio)
 
 
-def test_duplicate_points_of_different_levels_get_zero():
-    points = np.array([[1.0, 2.0], [1.0, 2.0], [9.0, 9.0]])
+def test_duplicates_of_different_levels_one_level_keeps_its_answer():
+    # Points 0, 1, 3 share a location; 1 has the largest R, so its level (0.5) answers there: 3 (also 0.5) keeps
+    # its answer with r = 0 (its neighbour 0 of another level abstains), 0 abstains.
+    points = np.array([[1.0, 2.0], [1.0, 2.0], [9.0, 9.0], [1.0, 2.0]])
+    sigma, radius = [0.25, 0.5, 0.5, 0.5], [1.0, 1.5, 1.0, 0.5]
     for rule in RULES:
-        r = allocate_radii(points, [0.25, 0.5, 0.5], [1.0, 1.0, 1.0], rule=rule)
-        np.testing.assert_array_equal(r, [0.0, 0.0, 1.0])
+        a = allocate(points, sigma, radius, rule=rule)
+        assert a.answered.tolist() == [False, True, True, True] and a.num_dropped == 1
+        np.testing.assert_array_equal(a.radius, [0.0, 1.5, 1.0, 0.5])  # the dropped point constrains nothing
+        verify_allocation(points, sigma, a.radius, radius, answered=a.answered)
+    with pytest.raises(AllocationError, match="one location, two levels, both answering"):
+        verify_allocation(points, sigma, np.zeros(4), radius)  # radii 0 are not enough: one must abstain
+    tie = allocate(points[:2], [0.5, 0.25], [1.0, 1.0])
+    assert tie.answered.tolist() == [True, False]  # equal radii: the first index keeps its answer
+
+
+def test_a_centre_whose_radius_was_cut_to_zero_is_still_protected():
+    # Point 1 keeps its answer with r = 0 at distance 1 from point 0 (another level): r_0 may reach 1, not beyond.
+    points, sigma, radius = np.array([[0.0], [1.0]]), [0.25, 0.5], [2.0, 0.5]
+    verify_allocation(points, sigma, [1.0, 0.0], radius)  # the open ball of radius 1 misses x_1
+    with pytest.raises(AllocationError, match="overlap"):
+        verify_allocation(points, sigma, [1.0 + 1e-12, 0.0], radius)
+    verify_allocation(points, sigma, [1.5, 0.0], radius, answered=np.array([True, False]))  # 1 abstains: free
+    for rule in RULES:
+        a = allocate(points, sigma, radius, rule=rule)
+        assert a.radius[0] + a.radius[1] <= 1.0 and a.answered.all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems(), st.data())
+def test_verifier_catches_every_planted_violation(problem, data):
+    points, sigma, radius = problem
+    a = allocate(points, sigma, radius, rule=data.draw(st.sampled_from(RULES)))
+    r, answered = a.radius.copy(), a.answered.copy()
+    # Plant: give up the allocation of one answering point by raising it to its certified radius, or make a dropped
+    # point answer again; keep the change only if brute force says it is a violation.
+    k = data.draw(st.integers(0, len(r) - 1))
+    if radius[k] == 0:
+        return
+    answered[k] = True
+    r[k] = data.draw(st.sampled_from([radius[k], 0.0]))
+    try:
+        assert_sound(points, sigma, r, radius, answered)
+    except AssertionError:
+        with pytest.raises(AllocationError):
+            verify_allocation(points, sigma, r, radius, answered=answered)
+    else:
+        verify_allocation(points, sigma, r, radius, answered=answered)
 
 
 def test_blocked_pairs_equal_dense():

@@ -1,0 +1,142 @@
+"""A sample-wise certificate that holds for any input, with no memory of other inputs (inductive).
+
+The deployed classifier picks its noise level with a smoothed level selector: ``h_e`` maps an image to an index
+into the grid ``S``, and ``g_e(x) = argmax_k P(h_e(x + sigma_e * eps) = k)``; then it answers with the smoothed
+classifier at that level, ``G(x) = g_{S[g_e(x)]}(x)``.
+- CERTIFY on ``g_e`` (classes are grid indices) at alpha / 2 gives a level k and a radius ``R_s`` within which
+  the level does not change;
+- CERTIFY on the classifier at ``S[k]`` at alpha / 2 gives ``(c, R_c)``;
+- inside the ball of radius ``min(R_s, R_c)`` the level is ``S[k]`` and ``g_{S[k]}`` says c, so G says c there.
+Both hold together with probability at least 1 - alpha (union bound: no independence between them is needed).
+The selector's noise and the classifier's noise come from different generators, so neither bound reuses the
+other's draws.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssmooth.certify.core import ABSTAIN, certify, predict
+
+
+@dataclass(frozen=True)
+class InductiveCertificate:
+    """Per-point result of ``certify_inductive``; every field is a CPU tensor [B].
+
+    ``level`` is the grid index chosen by the smoothed selector (ABSTAIN where it abstains) and ``sigma`` the
+    level itself (0 there); ``radius_selector`` / ``radius_classifier`` are R_s / R_c (0 where that part
+    abstains or was not run); ``radius = min(R_s, R_c)``, and ``prediction`` is ABSTAIN with radius 0 when either
+    part abstains.
+    """
+
+    level: torch.Tensor  # long
+    sigma: torch.Tensor  # float
+    radius_selector: torch.Tensor  # float, R_s
+    prediction: torch.Tensor  # long, c
+    radius_classifier: torch.Tensor  # float, R_c
+    radius: torch.Tensor  # float, min(R_s, R_c)
+
+    @property
+    def selector_limits(self) -> torch.Tensor:
+        """bool [B]: certified points whose radius is set by the selector (R_s < R_c)."""
+        return (self.prediction != ABSTAIN) & (self.radius_selector < self.radius_classifier)
+
+
+def _check_grid(grid: Sequence[float]) -> torch.Tensor:
+    levels = torch.tensor([float(s) for s in grid], dtype=torch.float32)
+    if levels.numel() < 1 or not bool((levels > 0).all()):
+        raise ValueError(f"grid must be non-empty noise levels > 0, got {list(grid)}")
+    return levels
+
+
+def certify_inductive(
+    classifier: nn.Module,
+    selector: nn.Module,
+    x: torch.Tensor,
+    grid: Sequence[float],
+    sigma_e: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    *,
+    num_classes: int,
+    selector_n0: int | None = None,
+    selector_n: int | None = None,
+    generator: torch.Generator | None = None,
+    selector_generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> InductiveCertificate:
+    """CERTIFY the deployed classifier ``G(x) = g_{S[g_e(x)]}(x)`` at every point of ``x`` ([B, *shape]).
+
+    With probability at least 1 - alpha, for each point that is not abstained, G predicts ``prediction`` on the
+    whole open l2 ball of radius ``radius`` around it: the selector's certificate (alpha / 2, ``selector_n0`` /
+    ``selector_n`` samples, default n0 / n) keeps the level fixed on the ball, the classifier's (alpha / 2, n0 / n
+    samples at that level) keeps the class. ``selector`` maps [k, *shape] to logits over the ``len(grid)`` levels.
+    ``generator`` draws the classifier's noise and ``selector_generator`` the selector's; pass two different
+    generators (the same object, or None for both, would still be sound but couples the two parts' draws).
+    The classifier is run only on the points whose level was certified.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if not sigma_e > 0:
+        raise ValueError(f"sigma_e must be > 0, got {sigma_e}")
+    levels = _check_grid(grid)
+    options = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last)
+    chosen = certify(selector, x, float(sigma_e), n0=selector_n0 or n0, n=selector_n or n, alpha=alpha / 2,
+                     num_classes=len(levels), generator=selector_generator, **options)
+    num_points = x.shape[0]
+    prediction = torch.full((num_points,), ABSTAIN, dtype=torch.long)
+    radius_classifier = torch.zeros(num_points)
+    sigma = torch.zeros(num_points)
+    ok = chosen.prediction != ABSTAIN
+    if bool(ok.any()):
+        sigma[ok] = levels[chosen.prediction[ok]]
+        cert = certify(classifier, x[ok.to(x.device)], sigma[ok], n0=n0, n=n, alpha=alpha / 2,
+                       num_classes=num_classes, generator=generator, **options)
+        prediction[ok] = cert.prediction
+        radius_classifier[ok] = cert.radius
+    radius = torch.where(prediction != ABSTAIN, torch.minimum(chosen.radius, radius_classifier), 0.0)
+    return InductiveCertificate(level=chosen.prediction, sigma=sigma, radius_selector=chosen.radius,
+                                prediction=prediction, radius_classifier=radius_classifier, radius=radius)
+
+
+def predict_inductive(
+    classifier: nn.Module,
+    selector: nn.Module,
+    x: torch.Tensor,
+    grid: Sequence[float],
+    sigma_e: float,
+    n: int = 1000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    *,
+    num_classes: int,
+    selector_n: int | None = None,
+    generator: torch.Generator | None = None,
+    selector_generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PREDICT with the deployed classifier: ``(labels, levels)``, both long [B] with ABSTAIN where it abstains.
+
+    PREDICT on the smoothed selector (alpha / 2) chooses a grid index, then PREDICT on the classifier at that
+    level (alpha / 2). With probability at least 1 - alpha a non-abstained label is G's answer at x. Each input is
+    handled on its own: nothing about other inputs is stored or used.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    levels = _check_grid(grid)
+    options = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last)
+    level = predict(selector, x, float(sigma_e), n=selector_n or n, alpha=alpha / 2, num_classes=len(levels),
+                    generator=selector_generator, **options)
+    labels = torch.full((x.shape[0],), ABSTAIN, dtype=torch.long)
+    ok = level != ABSTAIN
+    if bool(ok.any()):
+        labels[ok] = predict(classifier, x[ok.to(x.device)], levels[level[ok]], n=n, alpha=alpha / 2,
+                             num_classes=num_classes, generator=generator, **options)
+    return labels, level

@@ -1,0 +1,110 @@
+"""Per-point noise streams: every draw of noise for a point comes from a stream fixed by (seed, dataset index,
+purpose), so a point's result is the same whichever rank, shard, group or forward batch certifies it, and
+whether or not the run was resumed.
+
+A stream serves its draws in fixed-size pieces, each made by one ``torch.randn`` call of the same shape from the
+point's own generator. ``torch.randn(a)`` followed by ``torch.randn(b)`` from one generator is not the same as
+``torch.randn(a + b)`` (the vectorized kernels consume the generator in blocks), so cutting the draws wherever a
+forward batch happens to end would change the noise; fixed pieces make the k-th draw of a point one value.
+The same seed gives the same draws on the same kind of device (a CPU and a GPU generator differ).
+"""
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections.abc import Sequence
+
+import torch
+
+# What the draws are for; streams of different purposes of one point are independent, so CERTIFY's estimation
+# never reuses the draws that chose its class or its noise level.
+PURPOSES = (
+    "selection",  # CERTIFY's n0 draws that choose the class cA
+    "estimation",  # CERTIFY's n fresh draws that bound pA
+    "prediction",  # PREDICT's n draws
+    "level",  # test-time choice of a point's noise level from a grid
+    "selector",  # the draws of a smoothed level selector (inductive certificate)
+    "pilot",  # draws that choose a per-point sample size (never reused by the bound)
+)
+# One piece holds about this many values (4 MiB in fp32) whatever the input shape: a few ImageNet-sized draws,
+# or 1,337 MNIST draws per randn call. A stream frees its piece when its last draw is served.
+PIECE_VALUES = 1 << 20
+
+
+def point_seed(seed: int, index: int, purpose: str) -> int:
+    """The seed of the stream of dataset item ``index`` for ``purpose`` under run seed ``seed`` (63 bits).
+
+    A cryptographic hash, not Python's ``hash``: the same in every process and on every machine, and seeds of
+    neighbouring indices share no structure."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown noise purpose {purpose!r}; one of {PURPOSES}")
+    digest = hashlib.blake2b(f"ssmooth:{int(seed)}:{int(index)}:{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class NoiseStream:
+    """The ``total`` standard normal draws of one point, served in order: ``take(k)`` returns the next k.
+
+    Pieces hold ``piece`` draws each (the last one what is left of ``total``), so the values depend only on
+    (seed, shape, total, device kind), never on how the draws are taken."""
+
+    def __init__(self, seed: int, shape: Sequence[int], total: int, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if total < 0:
+            raise ValueError(f"total must be >= 0, got {total}")
+        self.shape, self.total = tuple(int(s) for s in shape), int(total)
+        self.device, self.dtype = torch.device(device), dtype
+        self.piece = max(1, PIECE_VALUES // max(1, torch.Size(self.shape).numel()))
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self._buffer: torch.Tensor | None = None
+        self._used = 0  # draws of the current piece already served
+        self.drawn = 0  # draws served so far
+
+    def take(self, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The next ``count`` draws, [count, *shape]; written into ``out`` when given."""
+        if self.drawn + count > self.total:
+            raise ValueError(f"stream of {self.total} draws asked for draws {self.drawn}..{self.drawn + count - 1}")
+        if out is None:
+            out = torch.empty((count, *self.shape), device=self.device, dtype=self.dtype)
+        filled = 0
+        while filled < count:
+            if self._buffer is None or self._used == self._buffer.shape[0]:
+                size = min(self.piece, self.total - self.drawn - filled)
+                self._buffer = torch.randn((size, *self.shape), generator=self.generator, device=self.device,
+                                           dtype=self.dtype)
+                self._used = 0
+            step = min(count - filled, self._buffer.shape[0] - self._used)
+            out[filled : filled + step].copy_(self._buffer[self._used : self._used + step])
+            filled += step
+            self._used += step
+        self.drawn += count
+        if self.drawn == self.total:
+            self._buffer = None
+        return out
+
+
+def point_streams(seed: int, indices: Sequence[int], purpose: str, shape: Sequence[int], total,
+                  *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[NoiseStream]:
+    """One stream per dataset index; ``total`` is the draws each will serve (an int, or one per point)."""
+    totals = [int(total)] * len(indices) if isinstance(total, int) else [int(t) for t in total]
+    if len(totals) != len(indices):
+        raise ValueError(f"{len(totals)} totals for {len(indices)} points")
+    return [NoiseStream(point_seed(seed, i, purpose), shape, t, device=device, dtype=dtype)
+            for i, t in zip(indices, totals)]
+
+
+def fill_from_streams(out: torch.Tensor, streams: Sequence[NoiseStream], row_stream: Sequence[int],
+                      row_offsets: Sequence[int], start: int, stop: int) -> torch.Tensor:
+    """Fill ``out[: stop - start]`` with the draws of flat positions ``start..stop-1``.
+
+    The flat positions are cut into rows, row r holding positions ``row_offsets[r] .. row_offsets[r + 1] - 1``
+    and drawing from ``streams[row_stream[r]]``; rows of one stream come in the order that stream serves them.
+    """
+    row = bisect_right(row_offsets, start) - 1
+    position = start
+    while position < stop:
+        end = min(stop, row_offsets[row + 1])
+        streams[row_stream[row]].take(end - position, out=out[position - start : end - start])
+        position = end
+        row += 1
+    return out[: stop - start]
