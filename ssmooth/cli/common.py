@@ -337,7 +337,10 @@ def check_output_width(model, input_shape, num_classes: int, source: str) -> Non
 
 
 def config_differences(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """``key=requested (was saved)`` for every leaf that differs, skipping keys under ``ignore``."""
+    """``key=requested (was saved)`` for every leaf that differs, skipping keys under ``ignore``.
+
+    A key the saved config does not have (added to the package after it was written) counts only when the
+    request sets it to something other than null or false: an option that did not exist was not in use."""
     def leaves(node, prefix=""):
         out = {}
         for key, value in (node or {}).items():
@@ -351,6 +354,8 @@ def config_differences(saved: dict, requested: dict, ignore: tuple[str, ...] = (
     differences = []
     for key in sorted(set(old) | set(new)):
         if any(key == i or key.startswith(f"{i}.") for i in ignore):
+            continue
+        if key not in old and new.get(key) in (None, False):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             differences.append(f"{key}={new.get(key, '<absent>')} (was {old.get(key, '<absent>')})")

@@ -208,12 +208,15 @@ def _checkpoints_in(folder) -> str:
     return f"; it holds {', '.join(found)}" if found else "; it holds no .ckpt file"
 
 
-# Keys that do not change what a run computes: where data and logs go, how progress is shown, the run's label.
-# A re-run that differs only in these is the same run.
+# Keys that do not change what a run computes: where data and logs go, how progress is shown, the run's label,
+# and how certification splits its work (each point's noise comes from its own streams, so batch sizes, groups,
+# shards and memory layout give the same rows). A re-run that differs only in these is the same run.
 RESULT_NEUTRAL_KEYS = (
     "name", "output_dir", "ckpt_path", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "trainer.log_every_n_steps", "certify.progress", "dataset.num_workers", "dataset.root", "dataset.npz_dir",
-    "dataset.download",
+    "trainer.log_every_n_steps", "dataset.num_workers", "dataset.root", "dataset.npz_dir", "dataset.download",
+    "certify.progress", "certify.batch_size", "certify.points_per_group", "certify.channels_last",
+    "certify.compile", "certify.overwrite", "certify.num_shards", "certify.shard", "certify.shard_dirs",
+    "certify.merge",
 )
 
 
@@ -437,7 +440,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     points = grid = None
     if cert_cfg.enabled:
         points = test_points(datamodule, cert_cfg)
-        grid = certification_grid(cert_cfg, noise.sigma, getattr(noise, "grid", None), f"noise.kind={noise.kind}")
+        grid = certification_grid(cert_cfg, noise.sigma, getattr(noise, "grid", None),
+                                  f"the model (noise.kind={noise.kind})")
     meta = checkpoint_meta(cfg, info, noise, model_cfg)
 
     if noise.kind == "samplewise":
