@@ -30,6 +30,11 @@ from ssmooth.certify.stats import require_useful_sample_size
 
 POLICIES = ("constant", "samplewise")
 ALLOCATION_RULES = ("fill", "halving", "lp")
+SAMPLING = ("fixed", "adaptive")
+# Every row also carries the forward passes its point cost (n0 + estimation draws), so that a report can show
+# cost beside accuracy and compare fixed with adaptive sampling.
+CONSTANT_COLUMNS = ROW_COLUMNS + ("samples",)
+SAMPLEWISE_ROW_COLUMNS = SAMPLEWISE_COLUMNS + ("samples",)
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,6 +51,10 @@ class CertifyConfig:
     n: int = 100_000
     alpha: float = 0.001
     batch_size: int = 1000
+    # fixed: n estimation draws per point; adaptive: n_i <= n chosen from the n0 selection draws, aiming at a
+    # radius at most max_radius_loss (l2 units) below the one at n (docs/ADAPTIVE_SAMPLING.md)
+    sampling: str = "fixed"
+    max_radius_loss: float = 0.02
     points_per_group: int | None = None  # None: enough points to fill one forward batch of the n samples
     policy: str | None = None  # None: as the model was trained (sample-wise runs certify sample-wise)
     sigma: float | None = None  # constant level; None: the base level the model was trained at
@@ -79,6 +88,8 @@ class CertifyConfig:
             ("certify.n", self.n, self.n >= 1, "must be >= 1"),
             ("certify.alpha", self.alpha, 0 < self.alpha < 1, "must be in (0, 1)"),
             ("certify.batch_size", self.batch_size, self.batch_size >= 1, "must be >= 1"),
+            ("certify.sampling", self.sampling, self.sampling in SAMPLING, f"must be one of {SAMPLING}"),
+            ("certify.max_radius_loss", self.max_radius_loss, self.max_radius_loss >= 0, "must be >= 0 (l2 units)"),
             ("certify.points_per_group", self.points_per_group,
              self.points_per_group is None or self.points_per_group >= 1, "must be null (auto) or >= 1"),
             ("certify.skip", self.skip, self.skip >= 1, "must be >= 1"),
@@ -226,15 +237,19 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
     radii = list(cfg.radii) if cfg.radii is not None else report.standard_radii(dataset)
     common = dict(n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch_size, num_classes=num_classes,
                   points_per_group=cfg.points_per_group or max(1, cfg.batch_size // cfg.n), seed=cfg.seed,
-                  device=device, autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last)
+                  device=device, autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last,
+                  sampling=cfg.sampling, max_radius_loss=cfg.max_radius_loss)
     variants: dict[str, dict] = {}
 
     constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")
-    _run(model, points, constant_path, ROW_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg, bar=bar)
+    _run(model, points, constant_path, CONSTANT_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg,
+         bar=bar)
     if rows_only and cfg.policy == "constant":
         return {"files": [constant_path.name]}
     constant_rows = _requested_rows(constant_path, requested)
-    variants["constant"] = {**report.summarize_rows(constant_rows, radii), "sound": True, "sigma": sigma0}
+    variants["constant"] = {**report.summarize_rows(constant_rows, radii), "sound": True, "sigma": sigma0,
+                            "forward_passes": int(constant_rows["samples"].sum())}
+    forward_passes = variants["constant"]["forward_passes"]
     main = "constant"
     extra: dict = {}
 
@@ -252,13 +267,16 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
                                 batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
-        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=selector, common=common, label="sample-wise", cfg=cfg,
-             bar=bar)
+        _run(model, points, raw_path, SAMPLEWISE_ROW_COLUMNS, sigma=selector, common=common, label="sample-wise",
+             cfg=cfg, bar=bar)
         if rows_only:
             return {"files": [constant_path.name, raw_path.name]}
         raw = _requested_rows(raw_path, requested)
-        variants["samplewise_raw"] = {**report.summarize_rows(raw, radii), "sound": False,
+        # the level selection's draws are forward passes too: m per grid level per point
+        passes = int(raw["samples"].sum()) + len(raw) * len(grid) * m
+        variants["samplewise_raw"] = {**report.summarize_rows(raw, radii), "sound": False, "forward_passes": passes,
                                       "note": "unallocated radii: an upper bound, not a certificate"}
+        forward_passes += passes
         # Allocation sees every evaluated point, in dataset-index order; it never sees labels.
         position = {int(points[i][2]): i for i in range(len(points))}
         x_all = torch.stack([points[position[int(i)]][0] for i in raw["idx"]])
@@ -274,7 +292,7 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
             rows["radius"] = r
             # Another level answers at the same location: this point gives up its answer (see allocation.py).
             rows.loc[~allocation.answered, ["predict", "correct"]] = (-1, 0)
-            write_rows(rows[list(SAMPLEWISE_COLUMNS)], out / f"certify_{rule}.tsv")
+            write_rows(rows[list(SAMPLEWISE_ROW_COLUMNS)], out / f"certify_{rule}.tsv")
             stats = {"num_points_T": allocation.num_points, "num_conflicting_pairs": allocation.num_conflicts,
                      "num_dropped_duplicates": allocation.num_dropped,
                      # NaN when no point was certified: null keeps summary.json strict JSON
@@ -282,7 +300,7 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
             variants[f"samplewise_{rule}"] = {**report.summarize_rows(rows, radii), "sound": True,
                                               "allocation": rule, **stats}
             if rule == cfg.allocation:
-                write_rows(rows[list(SAMPLEWISE_COLUMNS)], out / "certify.tsv")
+                write_rows(rows[list(SAMPLEWISE_ROW_COLUMNS)], out / "certify.tsv")
         main = f"samplewise_{cfg.allocation}"
         levels, counts = np.unique(sigma_all, return_counts=True)
         extra["selected_sigma_histogram"] = {f"{s:g}": int(c) for s, c in zip(levels, counts)}
@@ -297,6 +315,8 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
         "sigma": sigma0,
         "allocation": cfg.allocation if cfg.policy == "samplewise" else None,
         "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+        "sampling": cfg.sampling, "max_radius_loss": cfg.max_radius_loss if cfg.sampling == "adaptive" else None,
+        "forward_passes": forward_passes,  # every noisy forward pass of this run: selection, pilot, estimation
         "points": {"split": cfg.split, "skip": cfg.skip, "max": cfg.max, "start": cfg.start,
                    "count": int(len(constant_rows)), "indices": [int(i) for i in constant_rows["idx"]]},
         "radii": radii,

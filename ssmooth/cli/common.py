@@ -115,7 +115,8 @@ def exit_on_config_error(task):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
         except KeyboardInterrupt as err:
-            print(f"\ninterrupted: {err if isinstance(err, Interrupted) else 'nothing was kept'}", file=sys.stderr)
+            note = str(err).removeprefix("interrupted: ") or "nothing was kept"  # Interrupted, or the library's own
+            print(f"\ninterrupted: {note}", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
