@@ -312,7 +312,7 @@ def test_ctrl_c_in_certification_says_how_many_rows_were_kept_and_exits_130(tmp_
     assert proc.returncode == 130 and len(lines) == 1, err
     kept = pd.read_csv(tsv, sep="\t")
     assert 4 <= len(kept) < 120
-    assert lines[0] == (f"interrupted: certification stopped: kept {len(kept)}/120 rows in certify.tsv in {run}; "
+    assert lines[0] == (f"interrupted: {len(kept)}/120 rows kept in {tsv}; "
                         f"re-run the same command with hydra.run.dir={run} to resume")
 
 
@@ -545,4 +545,15 @@ def test_help_lists_the_groups_each_command_takes(monkeypatch, capsys):
     train_cli.main()
     text = capsys.readouterr().out
     assert "experiment: cifar10_gaussian |" in text and "(default: demo)" in text
-    assert "model: cifar_resnet | lenet | mlp | resnet50   (default: mlp)" in text
+    assert re.search(r"^  model: cifar_resnet \| .*lenet \| mlp.*\(default: mlp\)$", text, re.M)
+
+
+def test_config_differences_name_each_changed_leaf():
+    from ssmooth.cli.common import config_differences
+
+    saved = {"noise": {"sigma": 0.25}, "trainer": {"max_epochs": 1, "devices": 1}, "output_dir": "a"}
+    requested = {"noise": {"sigma": 0.5}, "trainer": {"max_epochs": 1, "devices": 1}, "output_dir": "b",
+                 "certify": {"shard_dirs": None, "new_switch": False, "new_level": 0.5}}
+    assert config_differences(saved, requested, ignore=("output_dir",)) == [
+        "certify.new_level=0.5 (was <absent>)", "noise.sigma=0.5 (was 0.25)"]
+    assert config_differences(requested, saved, ignore=("output_dir", "certify")) == ["noise.sigma=0.25 (was 0.5)"]

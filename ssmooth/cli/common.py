@@ -79,18 +79,26 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def on_interrupt(note: Callable[[], str]) -> Iterator[None]:
-    """Ctrl-C inside the block becomes ``Interrupted(note())``: the note is computed when the interrupt arrives, so
-    it can count the rows or checkpoints kept by then. ``exit_on_config_error`` prints it and exits 130."""
+def on_interrupt(note: Callable[[], str], folder: Path | None = None) -> Iterator[None]:
+    """Ctrl-C inside the block becomes ``Interrupted(message)``, printed by ``exit_on_config_error`` (exit 130).
+
+    The message is what the interrupted code said, when it raised a KeyboardInterrupt with one (certification
+    counts the rows it kept), with "re-run the same command" made precise for ``folder`` (run folders are
+    time-stamped, so the same command alone would start a new one); otherwise ``note()``, computed when the
+    interrupt arrives so that it can count what was kept by then."""
     try:
         yield
     except Interrupted:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        said = str(err).removeprefix("interrupted: ")
         try:
-            message = note()
-        except Exception as err:  # a note must never hide the interrupt itself
-            message = f"(what was kept is unknown: {err})"
+            if said and folder is not None:
+                message = said.replace("re-run the same command", rerun_hint(folder), 1)
+            else:
+                message = said or note()
+        except Exception as failure:  # a note must never hide the interrupt itself
+            message = said or f"(what was kept is unknown: {failure})"
         raise Interrupted(message) from None
 
 
@@ -304,9 +312,13 @@ def test_points(datamodule, cert_cfg):
     from ssmooth.evaluate import certification_points
 
     try:
-        return certification_points(datamodule, cert_cfg)
+        points = certification_points(datamodule, cert_cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if len(points) == 0:
+        raise ConfigError(f"certify.split={cert_cfg.split} certify.start={cert_cfg.start} certify.max={cert_cfg.max} "
+                          f"certify.skip={cert_cfg.skip} selects no point")
+    return points
 
 
 def check_output_width(model, input_shape, num_classes: int, source: str) -> None:
@@ -326,7 +338,10 @@ def check_output_width(model, input_shape, num_classes: int, source: str) -> Non
 
 
 def config_differences(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """``key=requested (was saved)`` for every leaf that differs, skipping keys under ``ignore``."""
+    """``key=requested (was saved)`` for every leaf that differs, skipping keys under ``ignore``.
+
+    A key the saved config does not have (added to the package after it was written) counts only when the
+    request sets it to something other than null or false: an option that did not exist was not in use."""
     def leaves(node, prefix=""):
         out = {}
         for key, value in (node or {}).items():
@@ -340,6 +355,8 @@ def config_differences(saved: dict, requested: dict, ignore: tuple[str, ...] = (
     differences = []
     for key in sorted(set(old) | set(new)):
         if any(key == i or key.startswith(f"{i}.") for i in ignore):
+            continue
+        if key not in old and new.get(key) in (None, False):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             differences.append(f"{key}={new.get(key, '<absent>')} (was {old.get(key, '<absent>')})")

@@ -208,12 +208,15 @@ def _checkpoints_in(folder) -> str:
     return f"; it holds {', '.join(found)}" if found else "; it holds no .ckpt file"
 
 
-# Keys that do not change what a run computes: where data and logs go, how progress is shown, the run's label.
-# A re-run that differs only in these is the same run.
+# Keys that do not change what a run computes: where data and logs go, how progress is shown, the run's label,
+# and how certification splits its work (each point's noise comes from its own streams, so batch sizes, groups,
+# shards and memory layout give the same rows). A re-run that differs only in these is the same run.
 RESULT_NEUTRAL_KEYS = (
     "name", "output_dir", "ckpt_path", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "trainer.log_every_n_steps", "certify.progress", "dataset.num_workers", "dataset.root", "dataset.npz_dir",
-    "dataset.download",
+    "trainer.log_every_n_steps", "dataset.num_workers", "dataset.root", "dataset.npz_dir", "dataset.download",
+    "certify.progress", "certify.batch_size", "certify.points_per_group", "certify.channels_last",
+    "certify.compile", "certify.overwrite", "certify.num_shards", "certify.shard", "certify.shard_dirs",
+    "certify.merge",
 )
 
 
@@ -264,10 +267,16 @@ def _training_done(last: Path, cfg: DictConfig) -> bool:
     return int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 >= cfg.trainer.max_epochs
 
 
+# What training keeps in its folder; everything else there is certification output (rows, summary, fingerprint,
+# per-rank parts, plots) of the model as it was when certified.
+TRAINING_ENTRIES = ("config.yaml", "checkpoints", "csv", "wandb", ".hydra", "cert_during_training")
+
+
 def set_aside_certification(output_dir: Path, epochs: int) -> Path | None:
     """Before a finished run continues training, move its certification results (they describe the model of the
     earlier epochs) into a subfolder, with the summary renamed so that sweep reports do not take it for a run."""
-    files = [p for p in output_dir.iterdir() if p.is_file() and p.name != "config.yaml" and p.suffix != ".log"]
+    files = [p for p in output_dir.iterdir()
+             if p.name not in TRAINING_ENTRIES and p.suffix != ".log" and not p.name.startswith("certified_after_")]
     if not files:
         return None
     earlier = output_dir / f"certified_after_{epochs}_epochs"
@@ -431,7 +440,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     points = grid = None
     if cert_cfg.enabled:
         points = test_points(datamodule, cert_cfg)
-        grid = certification_grid(cert_cfg, noise.sigma, getattr(noise, "grid", None), f"noise.kind={noise.kind}")
+        grid = certification_grid(cert_cfg, noise.sigma, getattr(noise, "grid", None),
+                                  f"the model (noise.kind={noise.kind})")
     meta = checkpoint_meta(cfg, info, noise, model_cfg)
 
     if noise.kind == "samplewise":
@@ -484,7 +494,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         import torch.distributed as dist
 
         ranks = dist.is_available() and dist.is_initialized()
-        with on_interrupt(lambda: certification_note(output_dir, len(points))):
+        with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
             try:  # the trained weights are fingerprinted by their state_dict
                 summary = certify_on_ranks(module.model, points, output_dir, cert_cfg,
                                            rank=trainer.global_rank if ranks else 0,
