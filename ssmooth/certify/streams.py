@@ -26,10 +26,13 @@ PURPOSES = (
     "selector",  # the draws of a smoothed level selector (inductive certificate)
     "pilot",  # draws that choose a per-point sample size (never reused by the bound)
 )
-# One piece holds about this many values (256 KiB in fp32) whatever the input shape: 83 MNIST draws, 21 CIFAR
-# draws or one ImageNet draw per randn call. Small pieces fit whole into a forward batch, where they are drawn
-# in place; only the pieces cut by a batch's ends pass through a buffer (freed with the stream's last draw).
+# One piece holds about this many values whatever the input shape. On a CPU 2^16 (256 KiB in fp32: 83 MNIST
+# draws, 21 CIFAR draws, one ImageNet draw): pieces fit whole into a forward batch and are drawn in place; only
+# the pieces cut by a batch's ends pass through a buffer (freed with the stream's last draw). On a GPU 2^22
+# (5,349 MNIST draws): fewer, larger randn calls, since each is a kernel launch, and copies are cheap there.
+# The piece size is part of what fixes the draws; CPU and GPU generators differ anyway.
 PIECE_VALUES = 1 << 16
+PIECE_VALUES_ACCELERATOR = 1 << 22
 
 
 def point_seed(seed: int, index: int, purpose: str) -> int:
@@ -55,7 +58,8 @@ class NoiseStream:
             raise ValueError(f"total must be >= 0, got {total}")
         self.shape, self.total = tuple(int(s) for s in shape), int(total)
         self.device, self.dtype = torch.device(device), dtype
-        self.piece = max(1, PIECE_VALUES // max(1, torch.Size(self.shape).numel()))
+        values = PIECE_VALUES if self.device.type == "cpu" else PIECE_VALUES_ACCELERATOR
+        self.piece = max(1, values // max(1, torch.Size(self.shape).numel()))
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self._buffer: torch.Tensor | None = None
         self._used = 0  # draws of the current piece already served
