@@ -5,7 +5,7 @@
 # that checkpoint. Everything lands in $OUT (markdown tables, run folders, one log per step).
 #
 #   bash benchmarks/gpu_check.sh                                   # on the GPU machine, from the repo root
-#   DEVICE=cpu TRAINER=cpu N=300 CERT_N=2000 bash benchmarks/gpu_check.sh   # the same steps on a CPU, tiny
+#   DEVICE=cpu TRAINER=cpu QUICK=1 CERT_N=1000 bash benchmarks/gpu_check.sh   # the same steps on a CPU, tiny
 set -euo pipefail
 PY=${PY:-python}
 OUT=${OUT:-/tmp/ssmooth_gpu_check}
@@ -13,6 +13,7 @@ DEVICE=${DEVICE:-cuda}
 TRAINER=${TRAINER:-gpu}
 N=${N:-10000}              # draws per point in the throughput runs
 CERT_N=${CERT_N:-100000}   # n of the final ssmooth-certify run
+QUICK=${QUICK:+--quick}    # QUICK=1: tiny throughput settings (checks that the steps run; numbers meaningless)
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 step() { echo "== $1 ($(date +%T))"; }
@@ -20,17 +21,17 @@ step() { echo "== $1 ($(date +%T))"; }
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
 
 step "LeNet: throughput (a/b/b1/c), forward options (bf16 on a GPU)"
-$PY benchmarks/certify_throughput.py --model lenet --device "$DEVICE" --n "$N" --repeats 3 \
+$PY benchmarks/certify_throughput.py --model lenet --device "$DEVICE" --n "$N" --repeats 3 $QUICK \
     --skip memory selection | tee "$OUT/throughput_lenet.md"
 step "ResNet-110 fp32: throughput"
-$PY benchmarks/certify_throughput.py --model cifar_resnet110 --device "$DEVICE" --n "$N" --repeats 3 \
+$PY benchmarks/certify_throughput.py --model cifar_resnet110 --device "$DEVICE" --n "$N" --repeats 3 $QUICK \
     --autocast none --channels-last --skip forward memory selection | tee "$OUT/throughput_resnet110_fp32.md"
 step "ResNet-110 bf16 (auto on a GPU): throughput and forward options"
-$PY benchmarks/certify_throughput.py --model cifar_resnet110 --device "$DEVICE" --n "$N" --repeats 3 \
+$PY benchmarks/certify_throughput.py --model cifar_resnet110 --device "$DEVICE" --n "$N" --repeats 3 $QUICK \
     --channels-last --skip memory selection | tee "$OUT/throughput_resnet110_bf16.md"
 
-step "ssmooth-train trainer=$TRAINER, 2 epochs (digits MLP: needs no dataset download)"
-$PY -m ssmooth.cli.train trainer="$TRAINER" trainer.max_epochs=2 certify.n=2000 certify.max=50 \
+step "ssmooth-train trainer=$TRAINER, 2 epochs (pretrain, digits MLP: needs no dataset download)"
+$PY -m ssmooth.cli.train '~experiment' trainer="$TRAINER" trainer.max_epochs=2 certify.n=2000 certify.max=50 \
     certify.progress=false hydra.run.dir="$OUT/train" 2>&1 | tail -20 | tee "$OUT/train.log"
 step "ssmooth-certify on that checkpoint, n = $CERT_N"
 $PY -m ssmooth.cli.certify ckpt="$OUT/train/checkpoints/last.ckpt" certify.n="$CERT_N" certify.max=100 \

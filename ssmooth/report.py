@@ -621,8 +621,8 @@ def title_of(summaries) -> str:
     parts = [", ".join(dataset_name(k) for k in keys)]
     if methods:
         parts.append(", ".join(methods))
-    if sigmas:
-        parts.append("σ = " + ", ".join(f"{s:g}" for s in sigmas))
+    if sigmas:  # a published log records no sigma: say whose levels these are
+        parts.append("σ = " + ", ".join(f"{s:g}" for s in sigmas) + (" (runs)" if len(runs) < len(summaries) else ""))
     return (f"{experiment}: " if experiment else "") + "; ".join(parts)
 
 

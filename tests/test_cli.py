@@ -1,6 +1,7 @@
 """The Hydra apps: every experiment config runs, bad settings fail early and clearly, DDP on CPU, resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,14 +205,31 @@ def test_sweep_runs_each_job_in_its_own_folder_and_reports_one_table(tmp_path):
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["sigma"] for p in summaries} == {0.25, 0.5}
+    # folders and run names show what the sweep varies
+    assert [p.parent.name for p in summaries] == ["0_noise.sigma=0.25", "1_noise.sigma=0.5"]
+    assert sorted(json.loads(p.read_text())["name"] for p in summaries) == [
+        "digits_mlp_gaussian_s0.25 noise.sigma=0.25", "digits_mlp_gaussian_s0.5 noise.sigma=0.5"]
+    log_file = (sweep / "0_noise.sigma=0.25" / "train.log").read_text()
+    assert "rows, summary and plot" in log_file and "epoch 1/1" in log_file  # the run's lines, in its log
     # re-running the sweep skips the finished jobs
     again = subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=300)
-    assert again.stdout.count("already finished") == 2
+    assert again.stdout.count("already finished with the same settings") == 2
+    # ... and refuses other settings, naming the difference, without touching the saved config
+    saved = (sweep / "0_noise.sigma=0.25" / "config.yaml").read_bytes()
+    changed = [c if c != "certify.n0=8" else "certify.n0=9" for c in cmd]
+    refused = subprocess.run(changed, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {sweep / '0_noise.sigma=0.25'} already holds a finished run with other settings: certify.n0=9 "
+        f"(was 8). Use a new folder, or certify its model with: ssmooth-certify "
+        f"ckpt={sweep / '0_noise.sigma=0.25' / 'checkpoints' / 'last.ckpt'} certify.KEY=VALUE (the folder is left "
+        "as it is)"]
+    assert (sweep / "0_noise.sigma=0.25" / "config.yaml").read_bytes() == saved
     from ssmooth.cli import report as report_cli
 
     assert report_cli.main([str(sweep)]) == 0
     table = (sweep / "report.md").read_text()
-    assert "0.25" in table and "0.5" in table
+    assert "noise.sigma=0.25" in table and "noise.sigma=0.5" in table
 
 
 def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
@@ -237,6 +255,67 @@ def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
     assert built.max_epochs == cfg.trainer.max_epochs
 
 
+def _interrupt_when(cmd, cwd, ready) -> subprocess.CompletedProcess:
+    """Start ``cmd``, send Ctrl-C (SIGINT) once ``ready()`` holds, return its exit status and output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", err)
+
+
+def test_ctrl_c_in_training_says_what_was_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    from ssmooth.cli.common import Interrupted, exit_on_config_error
+    from ssmooth.lit.module import SmoothingModule
+
+    def ctrl_c(self):
+        if self.current_epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SmoothingModule, "on_train_epoch_start", ctrl_c, raising=False)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # Lightning would ignore SIGINT for the rest of pytest
+    cfg = compose_cfg("train", [f"output_dir={tmp_path}", *TINY, "trainer.max_epochs=5"])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(Interrupted, match=rf"^training stopped in epoch 3 of 5; kept {last} \(2 epochs done\); "
+                                          rf"re-run with output_dir={tmp_path} to resume$"):
+        train_cli.run(cfg)
+    assert not (tmp_path / "summary.json").exists()
+
+    def interrupted_task(cfg):
+        raise Interrupted("kept 3/9 rows")
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_config_error(interrupted_task)(cfg)
+    assert exit_.value.code == 130
+    assert [line for line in capsys.readouterr().err.splitlines() if line] == ["interrupted: kept 3/9 rows"]
+
+
+@pytest.mark.cli
+def test_ctrl_c_in_certification_says_how_many_rows_were_kept_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    tsv = run / "certify.tsv"
+    cmd = [sys.executable, "-m", "ssmooth.cli.train", "~experiment", "trainer.max_epochs=1", "certify.progress=false",
+           f"hydra.run.dir={run}", "certify.n=20000", "certify.n0=10", "certify.points_per_group=2",
+           "certify.batch_size=4000", "certify.skip=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tsv.is_file() and tsv.read_text().count("\n") > 4):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and len(lines) == 1, err
+    kept = pd.read_csv(tsv, sep="\t")
+    assert 4 <= len(kept) < 120
+    assert lines[0] == (f"interrupted: {len(kept)}/120 rows kept in {tsv}; "
+                        f"re-run the same command with hydra.run.dir={run} to resume")
+
+
 @pytest.mark.cli
 def test_two_jobs_started_in_the_same_second_get_different_folders(tmp_path):
     cmd = [sys.executable, "-m", "ssmooth.cli.train", "--cfg", "hydra", "--resolve"]
@@ -252,12 +331,14 @@ def test_two_jobs_started_in_the_same_second_get_different_folders(tmp_path):
 
 def test_a_samplewise_checkpoint_is_certified_samplewise_unless_told_otherwise(tmp_path):
     pretrain = tmp_path / "pretrain"
-    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false"]))
+    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false", "model.hidden=[32]"]))
     finetune = tmp_path / "finetune"
     summary = train_cli.run(compose_cfg("train", [
         f"output_dir={finetune}", *TINY, "stage=finetune", f"pretrained={pretrain / 'checkpoints' / 'last.ckpt'}",
         "noise=samplewise", "noise.num_draws=2"]))
     assert summary["sigma_policy"] == "samplewise" and "samplewise_fill" in summary["variants"]
+    # the saved config says what ran: the architecture came from the pretrained checkpoint, not model=mlp's default
+    assert OmegaConf.load(finetune / "config.yaml").model.hidden == [32]
     ckpt = finetune / "checkpoints" / "last.ckpt"
     constant = certify_cli.run(compose_cfg("certify", [
         f"ckpt={ckpt}", f"output_dir={tmp_path / 'cert'}", "certify.policy=constant", "certify.n=100",
@@ -265,36 +346,45 @@ def test_a_samplewise_checkpoint_is_certified_samplewise_unless_told_otherwise(t
     assert constant["sigma_policy"] == "constant" and set(constant["variants"]) == {"constant"}
 
 
-@pytest.mark.cli
-def test_two_processes_and_two_shards_give_the_rows_of_one_process(tmp_path):
-    # The real launch: Lightning Fabric starts a second process (gloo) from the command line, each certifies
-    # half of the points, rank 0 merges. The shards run in-process; a merge missing a shard exits 2.
-    cfg = compose_cfg("train", [f"output_dir={tmp_path / 'train'}", *TINY, "certify.enabled=false"])
-    train_cli.run(cfg)
-    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
-    common = [f"ckpt={ckpt}", "certify.n=200", "certify.n0=10", "certify.max=9", "certify.skip=1",
-              "certify.progress=false"]
+CERTIFY_SMALL = ["certify.n=200", "certify.n0=10", "certify.max=9", "certify.skip=1", "certify.progress=false"]
+ROW_KEYS = ["idx", "predict", "radius", "sigma"]
+
+
+def tiny_checkpoint(tmp_path) -> Path:
+    train_cli.run(compose_cfg("train", [f"output_dir={tmp_path / 'train'}", *TINY, "certify.enabled=false"]))
+    return tmp_path / "train" / "checkpoints" / "last.ckpt"
+
+
+def test_two_shards_merged_give_the_rows_of_one_process(tmp_path):
+    common = [f"ckpt={tiny_checkpoint(tmp_path)}", *CERTIFY_SMALL]
     one = certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'one'}"]))
     for k in (0, 1):
-        certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / f'shard{k}'}",
-                                                "certify.num_shards=2", f"certify.shard={k}"]))
-    shard_dirs = f"certify.shard_dirs=[{tmp_path / 'shard0'},{tmp_path / 'shard1'}]"
+        assert certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / f'shard{k}'}",
+                                                       "certify.num_shards=2", f"certify.shard={k}"])) is None
     merged = certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'merged'}",
-                                                     "certify.merge=true", shard_dirs]))
+                                                     "certify.merge=true", f"certify.shard_dirs={tmp_path}/shard*"]))
     with pytest.raises(ConfigError, match=r"part\(s\) \[1\] of 2 missing"):
         certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'bad'}", "certify.merge=true",
                                                 f"certify.shard_dirs=[{tmp_path / 'shard0'}]"]))
+    reference = pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[ROW_KEYS]
+    assert pd.read_csv(tmp_path / "merged" / "certify.tsv", sep="\t")[ROW_KEYS].equals(reference)
+    assert merged["variants"] == one["variants"]
+
+
+@pytest.mark.cli
+def test_two_processes_give_the_rows_of_one_process(tmp_path):
+    # The real launch: Lightning Fabric starts a second process (gloo) from the command line, each certifies
+    # half of the points, rank 0 merges.
+    common = [f"ckpt={tiny_checkpoint(tmp_path)}", *CERTIFY_SMALL]
+    one = certify_cli.run(compose_cfg("certify", [*common, f"output_dir={tmp_path / 'one'}"]))
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "ssmooth.cli.certify", *common, f"hydra.run.dir={out}",
                            "distributed=ddp_cpu", "distributed.devices=2"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    reference = pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[["idx", "predict", "radius", "sigma"]]
-    for name in ("merged", "ddp"):
-        rows = pd.read_csv(tmp_path / name / "certify.tsv", sep="\t")[["idx", "predict", "radius", "sigma"]]
-        assert rows.equals(reference), name
-    assert merged["variants"] == one["variants"]
+    reference = pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[ROW_KEYS]
+    assert pd.read_csv(out / "certify.tsv", sep="\t")[ROW_KEYS].equals(reference)
     ranks = [pd.read_csv(out / "parts" / f"rank{r}" / "certify.tsv", sep="\t")["idx"].tolist() for r in (0, 1)]
     assert ranks == [reference["idx"].tolist()[0::2], reference["idx"].tolist()[1::2]]  # both ranks did work
     assert json.loads((out / "summary.json").read_text())["variants"] == one["variants"]
@@ -455,4 +545,15 @@ def test_help_lists_the_groups_each_command_takes(monkeypatch, capsys):
     train_cli.main()
     text = capsys.readouterr().out
     assert "experiment: cifar10_gaussian |" in text and "(default: demo)" in text
-    assert "model: cifar_resnet | lenet | mlp   (default: mlp)" in text
+    assert re.search(r"^  model: cifar_resnet \| .*lenet \| mlp.*\(default: mlp\)$", text, re.M)
+
+
+def test_config_differences_name_each_changed_leaf():
+    from ssmooth.cli.common import config_differences
+
+    saved = {"noise": {"sigma": 0.25}, "trainer": {"max_epochs": 1, "devices": 1}, "output_dir": "a"}
+    requested = {"noise": {"sigma": 0.5}, "trainer": {"max_epochs": 1, "devices": 1}, "output_dir": "b",
+                 "certify": {"shard_dirs": None, "new_switch": False, "new_level": 0.5}}
+    assert config_differences(saved, requested, ignore=("output_dir",)) == [
+        "certify.new_level=0.5 (was <absent>)", "noise.sigma=0.5 (was 0.25)"]
+    assert config_differences(requested, saved, ignore=("output_dir", "certify")) == ["noise.sigma=0.25 (was 0.5)"]

@@ -3,7 +3,8 @@
   split   part K of N certifies the points at positions K, K + N, K + 2N, ... of the certified subset
           (positions in the subset, so every part gets the same share of easy and hard points);
   rows    each part writes its own folder: the usual row files (flushed, resumable) and ``part.json``, which
-          records the part, the dataset indices it owes and the fingerprint of what produced its rows;
+          records the part, the dataset indices it owes and the fingerprint of what produced its rows (the run
+          folder fingerprint of ``ssmooth.certify.runfolder``, plus the kind of device that drew the noise);
   merge   one process reads every part, refuses a missing, incomplete, duplicated or foreign part, keeps each
           dataset index exactly once, refuses a gap, and writes the merged row files; the caller then runs the
           allocation once over all points, verifies it and writes the summary.
@@ -22,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from ssmooth.certify.results import read_rows, write_rows
+from ssmooth.certify.runfolder import diff_fingerprints
 
 PART_RECORD = "part.json"
 
@@ -49,11 +51,13 @@ def read_record(folder: Path) -> dict | None:
 
 
 def check_fingerprint(folder: Path, found: dict, expected: dict) -> None:
-    """Raise MergeError naming the first setting in which ``found`` differs from ``expected``."""
-    for key in sorted(set(found) | set(expected)):
-        if found.get(key) != expected.get(key):
-            raise MergeError(f"{folder} was certified with {key}={found.get(key)!r}, this run has "
-                             f"{key}={expected.get(key)!r}: it belongs to another certification")
+    """Raise MergeError naming the first setting in which ``found`` differs from ``expected`` (fingerprints of
+    ``ssmooth.certify.runfolder.fingerprint``)."""
+    differ = diff_fingerprints(found, expected)
+    if differ:
+        key = differ[0]
+        raise MergeError(f"{folder} was certified with {key}={found.get(key)!r}, this run has "
+                         f"{key}={expected.get(key)!r}: it belongs to another certification")
 
 
 def start_part(folder: Path, *, part: int, num_parts: int, indices: Sequence[int], fp: dict) -> None:

@@ -19,6 +19,14 @@ StreamFactory = Callable[[str, int], list[NoiseStream]]
 SigmaSelector = Callable[[torch.Tensor, StreamFactory], torch.Tensor]
 
 
+def dataset_indices(points) -> list[int]:
+    """The dataset index of every item, read without loading the items where the dataset keeps them apart (an
+    image dataset decoded from files would otherwise decode every image just for its index)."""
+    if hasattr(points, "indices"):
+        return [int(i) for i in points.indices]
+    return [int(points[i][2]) for i in range(len(points))]
+
+
 def certify_points(
     model: nn.Module,
     points: Sequence,
@@ -49,7 +57,7 @@ def certify_points(
     Every point draws its noise from its own streams, keyed by (``seed``, dataset index, purpose): its row is the
     same whichever group, rank or shard certifies it, and whether or not the run was resumed.
     """
-    todo = [i for i in range(len(points)) if int(points[i][2]) not in writer.done]
+    todo = [i for i, idx in enumerate(dataset_indices(points)) if idx not in writer.done]
     samplewise = callable(sigma)
     for start in range(0, len(todo), points_per_group):
         group = [points[i] for i in todo[start : start + points_per_group]]

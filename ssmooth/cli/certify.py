@@ -134,7 +134,7 @@ def run(cfg: DictConfig) -> dict | None:
     kw = dict(num_classes=datamodule.info.num_classes, base_sigma=noise["sigma"], grid=grid,
               dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device,
               checkpoint_sha256=file_sha256(cfg.ckpt))
-    with on_interrupt(lambda: certification_note(output_dir, len(points))):
+    with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
         try:
             if cert_cfg.merge:
                 summary = certify_model(model, points, output_dir, cert_cfg,

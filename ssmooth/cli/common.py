@@ -46,50 +46,60 @@ OmegaConf.register_new_resolver(
     "ssmooth_job_dir", lambda name, _root_: swept_values(_root_.hydra.overrides.task) or name, replace=True)
 
 
+_DROPPED_LINES = ("Detected KeyboardInterrupt", "litlogger")
+
+
 def quiet_console() -> None:
     """Lightning's messages go through the root logger (console and the run's log file, once) instead of a handler
     of its own; drop a deprecation warning Lightning raises inside its own code on every fit."""
     import warnings
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    import lightning  # noqa: F401  (imported now: on import it adds console handlers of its own, removed below)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
         logger.propagate = True
-    # Lightning's own Ctrl-C line; ours says what was kept.
+    # Lightning's own Ctrl-C line (ours says what was kept) and its advertisement.
     for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda record: "Detected KeyboardInterrupt" not in record.getMessage())
+        handler.addFilter(lambda record: not any(s in record.getMessage() for s in _DROPPED_LINES))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # A resumed run writes into its own checkpoint folder on purpose (the run folder check allowed it).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class ConfigError(ValueError):
     """A bad setting, found before any work starts; the message names the key and the value."""
 
 
-# What an interrupted task has kept: the innermost registered note is printed when Ctrl-C stops the task.
-_interrupt_notes: list[Callable[[], str]] = []
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying what the interrupted work kept and how to resume it."""
 
 
 @contextlib.contextmanager
-def on_interrupt(note: Callable[[], str]) -> Iterator[None]:
-    """While the block runs, Ctrl-C prints ``note()`` (one line: what was kept, how to resume) and exits 130.
+def on_interrupt(note: Callable[[], str], folder: Path | None = None) -> Iterator[None]:
+    """Ctrl-C inside the block becomes ``Interrupted(message)``, printed by ``exit_on_config_error`` (exit 130).
 
-    The note is computed when the interrupt arrives, so it can count the rows or checkpoints kept by then."""
-    _interrupt_notes.append(note)
+    The message is what the interrupted code said, when it raised a KeyboardInterrupt with one (certification
+    counts the rows it kept), with "re-run the same command" made precise for ``folder`` (run folders are
+    time-stamped, so the same command alone would start a new one); otherwise ``note()``, computed when the
+    interrupt arrives so that it can count what was kept by then."""
     try:
         yield
-    finally:
-        _interrupt_notes.remove(note)
-
-
-def interrupted_message() -> str:
-    for note in reversed(_interrupt_notes):
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as err:
+        said = str(err).removeprefix("interrupted: ")
         try:
-            return note()
-        except Exception:  # a note must never hide the interrupt itself
-            continue
-    return "nothing was kept"
+            if said and folder is not None:
+                message = said.replace("re-run the same command", rerun_hint(folder), 1)
+            else:
+                message = said or note()
+        except Exception as failure:  # a note must never hide the interrupt itself
+            message = said or f"(what was kept is unknown: {failure})"
+        raise Interrupted(message) from None
 
 
 def exit_on_config_error(task):
@@ -105,9 +115,8 @@ def exit_on_config_error(task):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
         except KeyboardInterrupt as err:
-            # The command's own note (rows kept, the folder to re-run into) first, else what the library said.
-            note = interrupted_message() if _interrupt_notes else (str(err) or "nothing was kept")
-            print(f"\ninterrupted: {note.removeprefix('interrupted: ')}", file=sys.stderr)
+            note = str(err).removeprefix("interrupted: ") or "nothing was kept"  # Interrupted, or the library's own
+            print(f"\ninterrupted: {note}", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
@@ -303,9 +312,13 @@ def test_points(datamodule, cert_cfg):
     from ssmooth.evaluate import certification_points
 
     try:
-        return certification_points(datamodule, cert_cfg)
+        points = certification_points(datamodule, cert_cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if len(points) == 0:
+        raise ConfigError(f"certify.split={cert_cfg.split} certify.start={cert_cfg.start} certify.max={cert_cfg.max} "
+                          f"certify.skip={cert_cfg.skip} selects no point")
+    return points
 
 
 def check_output_width(model, input_shape, num_classes: int, source: str) -> None:
@@ -325,7 +338,10 @@ def check_output_width(model, input_shape, num_classes: int, source: str) -> Non
 
 
 def config_differences(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """``key=requested (was saved)`` for every leaf that differs, skipping keys under ``ignore``."""
+    """``key=requested (was saved)`` for every leaf that differs, skipping keys under ``ignore``.
+
+    A key the saved config does not have (added to the package after it was written) counts only when the
+    request sets it to something other than null or false: an option that did not exist was not in use."""
     def leaves(node, prefix=""):
         out = {}
         for key, value in (node or {}).items():
@@ -339,6 +355,8 @@ def config_differences(saved: dict, requested: dict, ignore: tuple[str, ...] = (
     differences = []
     for key in sorted(set(old) | set(new)):
         if any(key == i or key.startswith(f"{i}.") for i in ignore):
+            continue
+        if key not in old and new.get(key) in (None, False):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             differences.append(f"{key}={new.get(key, '<absent>')} (was {old.get(key, '<absent>')})")

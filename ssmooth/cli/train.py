@@ -142,9 +142,13 @@ def build_loggers(logger_cfg: dict, output_dir: Path, resume_epoch: int | None =
         if options.get("_target_", "").endswith("ResumableCSVLogger"):
             options["resume_epoch"] = resume_epoch  # keep the rows of the epochs the checkpoint holds
         try:
-            loggers.append(instantiate(options))
+            logger = instantiate(options)
         except Exception as err:
             raise ConfigError(f"logger.{name}: {_root_cause(err)}") from None
+        if name == "wandb":
+            # Lightning always passes wandb's deprecated `anonymous` setting, and wandb warns about it on every run.
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
@@ -154,11 +158,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, loggers, callbacks):
     from hydra.utils import instantiate
 
     extra = {}
-    if cfg.trainer.get("enable_progress_bar") and not sys.stderr.isatty():
+    if not sys.stderr.isatty():
         # Written to a file (SLURM, a redirect): one line per epoch, not a bar redrawn into one huge line.
+        extra["enable_progress_bar"] = False
+    if not extra.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar")):
         from ssmooth.lit.logging import epoch_line_callback
 
-        extra["enable_progress_bar"] = False
         callbacks = [*callbacks, epoch_line_callback()]
     try:
         return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
@@ -185,12 +190,10 @@ def checkpoint_meta(cfg: DictConfig, info, noise, model_cfg: dict) -> dict:
 
 
 def resolve_resume(ckpt_path, output_dir: Path, action: str):
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if action in ("resume", "continue"):
-        return str(last)
+    """The checkpoint training starts from: an explicit ckpt_path=PATH, else the folder's last.ckpt when the run
+    folder check says to resume or continue (ckpt_path=last with nothing saved yet starts fresh)."""
     if ckpt_path is None or ckpt_path == "last":
-        # "last" with nothing to resume starts fresh: a re-run sweep job that never saved continues cleanly.
-        return None
+        return str(output_dir / "checkpoints" / "last.ckpt") if action in ("resume", "continue") else None
     if Path(ckpt_path).is_dir():
         raise ConfigError(f"ckpt_path={ckpt_path} is a folder, not a checkpoint{_checkpoints_in(ckpt_path)}")
     if not Path(ckpt_path).is_file():
@@ -205,14 +208,16 @@ def _checkpoints_in(folder) -> str:
     return f"; it holds {', '.join(found)}" if found else "; it holds no .ckpt file"
 
 
-# Keys that do not change what a run computes: where data and logs go, how progress is shown, the run's label.
-# A re-run that differs only in these is the same run.
+# Keys that do not change what a run computes: where data and logs go, how progress is shown, the run's label,
+# and how certification splits its work (each point's noise comes from its own streams, so batch sizes, groups,
+# shards and memory layout give the same rows). A re-run that differs only in these is the same run.
 RESULT_NEUTRAL_KEYS = (
     "name", "output_dir", "ckpt_path", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "trainer.log_every_n_steps", "certify.progress", "dataset.num_workers", "dataset.root", "dataset.npz_dir",
-    "dataset.download",
+    "trainer.log_every_n_steps", "dataset.num_workers", "dataset.root", "dataset.npz_dir", "dataset.download",
+    "certify.progress", "certify.batch_size", "certify.points_per_group", "certify.channels_last",
+    "certify.compile", "certify.overwrite", "certify.num_shards", "certify.shard", "certify.shard_dirs",
+    "certify.merge",
 )
-FOLDER_ACTIONS = ("fresh", "skip", "resume", "continue")
 
 
 def check_run_folder(cfg: DictConfig, output_dir: Path) -> str:
@@ -251,7 +256,7 @@ def check_run_folder(cfg: DictConfig, output_dir: Path) -> str:
         ways_out += f", or certify its model with: ssmooth-certify ckpt={last} certify.KEY=VALUE"
     state = "a finished run" if finished else "a run"
     raise ConfigError(f"{output_dir} already holds {state} with other settings: {'; '.join(differences)}. "
-                      f"{ways_out.capitalize()} (the folder is left as it is)")
+                      f"{ways_out[0].upper()}{ways_out[1:]} (the folder is left as it is)")
 
 
 def _training_done(last: Path, cfg: DictConfig) -> bool:
@@ -262,10 +267,16 @@ def _training_done(last: Path, cfg: DictConfig) -> bool:
     return int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 >= cfg.trainer.max_epochs
 
 
+# What training keeps in its folder; everything else there is certification output (rows, summary, fingerprint,
+# per-rank parts, plots) of the model as it was when certified.
+TRAINING_ENTRIES = ("config.yaml", "checkpoints", "csv", "wandb", ".hydra", "cert_during_training")
+
+
 def set_aside_certification(output_dir: Path, epochs: int) -> Path | None:
     """Before a finished run continues training, move its certification results (they describe the model of the
     earlier epochs) into a subfolder, with the summary renamed so that sweep reports do not take it for a run."""
-    files = [p for p in output_dir.iterdir() if p.is_file() and p.name != "config.yaml" and p.suffix != ".log"]
+    files = [p for p in output_dir.iterdir()
+             if p.name not in TRAINING_ENTRIES and p.suffix != ".log" and not p.name.startswith("certified_after_")]
     if not files:
         return None
     earlier = output_dir / f"certified_after_{epochs}_epochs"
@@ -293,8 +304,12 @@ def _hydra_overrides() -> list[str] | None:
 
 
 def _announce_defaults(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     overrides = _hydra_overrides()
     if overrides is None or any(o.lstrip("+~").split("=")[0] == "experiment" for o in overrides):
+        return
+    if HydraConfig.get().job.get("num", 0):  # said once, by a sweep's first job
         return
     if cfg.get("name") == "demo":
         log.info("No experiment= given: running the demo (experiment=demo: 8x8 digits, an MLP, sigma 0.25). Pick a "
@@ -425,7 +440,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     points = grid = None
     if cert_cfg.enabled:
         points = test_points(datamodule, cert_cfg)
-        grid = certification_grid(cert_cfg, noise.sigma, getattr(noise, "grid", None), f"noise.kind={noise.kind}")
+        grid = certification_grid(cert_cfg, noise.sigma, getattr(noise, "grid", None),
+                                  f"the model (noise.kind={noise.kind})")
     meta = checkpoint_meta(cfg, info, noise, model_cfg)
 
     if noise.kind == "samplewise":
@@ -456,8 +472,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         log.info(f"continuing {output_dir} from epoch {resume_epoch + 1} to {cfg.trainer.max_epochs}"
                  + (f"; the certification of the {saved_epochs}-epoch model is kept in {earlier}" if earlier else ""))
     elif action == "resume":
-        log.info(f"resuming {output_dir} from its last checkpoint (epoch {resume_epoch + 1} of "
-                 f"{cfg.trainer.max_epochs} done)")
+        log.info(f"resuming {output_dir} from its last checkpoint ({resume_epoch + 1} of "
+                 f"{cfg.trainer.max_epochs} epochs done)")
     # Written only now, when these settings run in this folder (the check above refused any others).
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -478,7 +494,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         import torch.distributed as dist
 
         ranks = dist.is_available() and dist.is_initialized()
-        with on_interrupt(lambda: certification_note(output_dir, len(points))):
+        with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
             try:  # the trained weights are fingerprinted by their state_dict
                 summary = certify_on_ranks(module.model, points, output_dir, cert_cfg,
                                            rank=trainer.global_rank if ranks else 0,
