@@ -142,6 +142,7 @@ def test_bad_arguments_are_rejected(kwargs, match):
 
 def test_certify_model_with_adaptive_sampling_writes_samples_and_counts_forward_passes(tmp_path):
     from ssmooth.certify.results import read_rows
+    from ssmooth.certify.runfolder import FingerprintMismatch
     from ssmooth.evaluate import CertifyConfig, certify_model
 
     # margins from 0.05 to 2: sizes differ from point to point; labels are the true classes
@@ -160,5 +161,9 @@ def test_certify_model_with_adaptive_sampling_writes_samples_and_counts_forward_
     assert adaptive["forward_passes"] == int(rows["samples"].sum()) < fixed["forward_passes"] / 2
     assert rows["samples"].nunique() >= 2 and rows["samples"].max() <= 4050
     assert adaptive["sampling"] == "adaptive" and adaptive["max_radius_loss"] == 0.1
+    # fixed and adaptive rows never share a folder: resuming one with the other is refused
+    with pytest.raises(FingerprintMismatch, match="sampling"):
+        certify_model(Threshold(), points, tmp_path / "fixed",
+                      CertifyConfig(**common, sampling="adaptive", max_radius_loss=0.1), num_classes=2, base_sigma=1.0)
     with pytest.raises(ValueError, match="certify.sampling='sometimes'"):
         CertifyConfig(sampling="sometimes").validate()
