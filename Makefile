@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # One thread per process: several processes with default threads oversubscribe a small CPU (up to 20x slower).
 THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-SHARED ?= ../shared/data
+SHARED ?=
 SMOKE ?= 0
 
 .PHONY: install demo test test-all reproduce-mnist reproduce-cifar10 bench clean
@@ -28,7 +28,7 @@ test: install
 test-all: install
 	$(THREADS) $(BIN)/python -m pytest -q
 
-## Published protocols (SPEC section 5); SMOKE=1 runs the same pipeline at toy size on a CPU in minutes.
+## Published protocols (docs/METHOD.md); SHARED=DIR reads npz files from DIR, else torchvision downloads; SMOKE=1 runs the same pipeline at toy size on a CPU in minutes.
 reproduce-mnist: install
 	SMOKE=$(SMOKE) SHARED=$(SHARED) bash scripts/reproduce.sh mnist
 

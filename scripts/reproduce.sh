@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the published protocol on MNIST or CIFAR-10 (SPEC section 5) and write one report.
+# Reproduce the published protocol on MNIST or CIFAR-10 (docs/METHOD.md) and write one report.
 #
 #   bash scripts/reproduce.sh mnist|cifar10        (make reproduce-mnist / make reproduce-cifar10)
 #
@@ -21,11 +21,11 @@ SMOKE=${SMOKE:-0}
 SIGMAS=${SIGMAS:-0.25,0.5,1.0}
 SKIP=${SKIP:-20}
 OUT=${OUT:-outputs/reproduce/$dataset$([ "$SMOKE" = 1 ] && echo _smoke)}
-SHARED=${SHARED:-../shared/data}
+SHARED=${SHARED:-}
 EXTRA=${EXTRA:-}
 BIN=${BIN:-.venv/bin}
 
-if [ -f "$SHARED/$dataset/${dataset}_test.npz" ] || [ -f "$SHARED/cifar10/cifar10_test_first1000.npz" -a "$dataset" = cifar10 ]; then
+if [ -n "$SHARED" ] && { [ -f "$SHARED/$dataset/${dataset}_test.npz" ] || { [ "$dataset" = cifar10 ] && [ -f "$SHARED/cifar10/cifar10_test_first1000.npz" ]; }; }; then
   data="dataset.source=npz dataset.npz_dir=$SHARED"
 else
   data="dataset.source=torchvision dataset.download=true"

@@ -40,7 +40,7 @@ class DatasetInfo:
     """What a model and a report need to know about a dataset.
 
     ``mean``/``std`` are per-channel training-set statistics for the model's Normalize layer. Whether a model
-    uses them is the model config's choice: the MNIST LeNet of the reference papers uses none (SPEC section 5).
+    uses them is the model config's choice: the MNIST LeNet of the reference papers uses none (docs/METHOD.md).
     ``sources``: the supported sources, the first one being what ``source="auto"`` picks.
     """
 
@@ -56,7 +56,7 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     # mean/std: all pixels of the 1437 training images of the fixed split below, scaled to [0,1]
     "digits": DatasetInfo("digits", (1, 8, 8), 10, (0.3054,), (0.3761,), ("sklearn",)),
-    # MNIST papers report radii up to 2.0 (their ACRs reach 1.6, SPEC section 5)
+    # MNIST papers report radii up to 2.0 (their ACRs reach 1.6)
     "mnist": DatasetInfo(
         "mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), ("torchvision", "npz"),
         default_radii=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0),

@@ -1,4 +1,4 @@
-"""Training objectives at a per-sample noise level (SPEC section 2): Gaussian, SmoothAdv, MACER, Consistency.
+"""Training objectives at a per-sample noise level (docs/METHOD.md): Gaussian, SmoothAdv, MACER, Consistency.
 
 Every objective is called as ``objective(model, x, y, sigma, epoch=0, noise=None)`` and returns an
 ``ObjectiveOutput(loss, logits)``:

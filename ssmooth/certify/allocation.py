@@ -1,4 +1,4 @@
-"""Transductive radius allocation for sample-wise noise levels (SPEC section 4).
+"""Transductive radius allocation for sample-wise noise levels (docs/METHOD.md).
 
 Cohen's certificate holds for one sigma. With a level per test point, the deployed classifier smooths at
 `sigma_i` inside the ball `B(x_i, r_i)` and at sigma0 elsewhere; it is well defined when balls of DIFFERENT
@@ -49,7 +49,7 @@ class AllocationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Allocation:
-    """Allocated radii and what the summary reports beside them (SPEC section 4)."""
+    """Allocated radii and what the summary reports beside them."""
 
     radius: np.ndarray  # float64 [T], the final r_i
     rule: str

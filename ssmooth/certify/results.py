@@ -1,4 +1,4 @@
-"""Per-point certification rows (SPEC section 6): flushed as produced, resumable, keyed by dataset index."""
+"""Per-point certification rows: flushed as produced, resumable, keyed by dataset index."""
 from __future__ import annotations
 
 import json

@@ -327,7 +327,7 @@ def _name_after_sweep(cfg: DictConfig) -> None:
 
 
 def run_pipeline(cfg: DictConfig) -> dict | None:
-    """The method end to end in one job (SPEC section 3): pretrain at the base level (stage A), finetune with
+    """The method end to end in one job (docs/METHOD.md): pretrain at the base level (stage A), finetune with
     sample-wise levels (B-C) and certify with per-point levels and allocation (D-F); beside it, the same
     pretrained model continued at the constant level for the same number of epochs. One report covers all."""
     from omegaconf import open_dict

@@ -1,4 +1,4 @@
-"""LeNet of the MNIST smoothing papers (Salman et al. 2019, MACER, Consistency; SPEC section 5), and a tiny
+"""LeNet of the MNIST smoothing papers (Salman et al. 2019, MACER, Consistency), and a tiny
 conv net registered for fast tests only."""
 
 from __future__ import annotations
