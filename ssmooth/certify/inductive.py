@@ -140,3 +140,61 @@ def predict_inductive(
         labels[ok] = predict(classifier, x[ok.to(x.device)], levels[level[ok]], n=n, alpha=alpha / 2,
                              num_classes=num_classes, generator=generator, **options)
     return labels, level
+
+
+# Rows of the inductive certificate: the usual columns, then the chosen grid index and both radii.
+INDUCTIVE_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "time",
+                     "level", "radius_selector", "radius_classifier")
+
+
+def certify_points_inductive(
+    classifier: nn.Module,
+    selector: nn.Module,
+    points: Sequence,
+    writer,
+    *,
+    grid: Sequence[float],
+    sigma_e: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    num_classes: int,
+    points_per_group: int = 32,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress=None,
+) -> None:
+    """``certify_inductive`` on every item ``(x, y, index)`` of ``points`` that ``writer`` (a RowWriter with
+    INDUCTIVE_COLUMNS) has not written yet, one flushed row per point; groups share forward batches as in
+    ``ssmooth.certify.run.certify_points``. Each group's classifier and selector draws come from two generators
+    seeded from the group's first dataset index, so a resumed run draws fresh, reproducible noise."""
+    import time
+
+    from ssmooth.certify.run import group_seed
+
+    todo = [i for i in range(len(points)) if int(points[i][2]) not in writer.done]
+    for start in range(0, len(todo), points_per_group):
+        group = [points[i] for i in todo[start : start + points_per_group]]
+        x = torch.stack([item[0] for item in group]).to(device)
+        indices = [int(item[2]) for item in group]
+        began = time.perf_counter()
+        cert = certify_inductive(
+            classifier, selector, x, grid, sigma_e, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+            num_classes=num_classes, autocast_dtype=autocast_dtype, channels_last=channels_last,
+            generator=torch.Generator(device=device).manual_seed(group_seed(seed, indices[0])),
+            # seed + 2: neither the classifier's stream nor the transductive selection's (seed + 1)
+            selector_generator=torch.Generator(device=device).manual_seed(group_seed(seed + 2, indices[0])))
+        elapsed = (time.perf_counter() - began) / len(group)
+        rows = []
+        for k, (item, idx) in enumerate(zip(group, indices)):
+            pred, label = int(cert.prediction[k]), int(item[1])
+            rows.append({"idx": idx, "label": label, "predict": pred, "radius": float(cert.radius[k]),
+                         "correct": int(pred == label), "sigma": float(cert.sigma[k]), "time": round(elapsed, 4),
+                         "level": int(cert.level[k]), "radius_selector": float(cert.radius_selector[k]),
+                         "radius_classifier": float(cert.radius_classifier[k])})
+        writer.write(rows)
+        if progress is not None:
+            progress(len(group))

@@ -59,7 +59,7 @@ def build_noise(noise_cfg: dict, num_train: int):
         if unknown:
             raise ConfigError(f"noise: unknown key(s) {sorted(unknown)} for kind=constant")
         return ConstantSigma(sigma)
-    allowed = {"kind", "sigma", "grid_factors", "update_every", "num_draws", "soft"}
+    allowed = {"kind", "sigma", "grid_factors", "update_every", "num_draws", "soft", "selection", "fraction"}
     unknown = set(noise_cfg) - allowed
     if unknown:
         raise ConfigError(f"noise: unknown key(s) {sorted(unknown)}; allowed {sorted(allowed)}")
@@ -67,6 +67,10 @@ def build_noise(noise_cfg: dict, num_train: int):
         raise ConfigError(f"noise.update_every={noise_cfg['update_every']} must be >= 1")
     if noise_cfg["num_draws"] < 1:
         raise ConfigError(f"noise.num_draws={noise_cfg['num_draws']} must be >= 1")
+    if noise_cfg.get("selection", "local") not in ("local", "full"):
+        raise ConfigError(f"noise.selection={noise_cfg['selection']!r} must be 'local' or 'full'")
+    if not 0 < noise_cfg.get("fraction", 1.0) <= 1:
+        raise ConfigError(f"noise.fraction={noise_cfg['fraction']!r} must be in (0, 1]")
     try:
         grid = sigma_grid(sigma, noise_cfg["grid_factors"])
     except ValueError as err:
@@ -204,6 +208,9 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
                 "optim.optimizer.lr": pipeline.finetune_lr, "optim.scheduler": None, "ckpt_path": cfg.ckpt_path}
     summaries["finetune_samplewise"] = train_and_certify(
         stage("finetune_samplewise", **finetune, **{"certify.policy": "samplewise"}))
+    if cfg.selector.enabled:
+        train_selector(stage("selector", **{"trainer.max_epochs": cfg.selector.epochs}),
+                       out / "finetune_samplewise" / "checkpoints" / "last.ckpt")
     if pipeline.constant_arm:
         summaries["finetune_constant"] = train_and_certify(
             stage("finetune_constant", **finetune, noise=constant_noise, **{"certify.policy": "constant"}))
@@ -215,6 +222,68 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
                            title=f"{cfg.name}: certified accuracy (%) at l2 radius r")
         print(f"report: {paths['markdown']}  plot: {paths['plot']}")
     return summaries.get("finetune_samplewise")
+
+
+def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> Path | None:
+    """The level selector of the inductive certificate, trained on the level table of a sample-wise checkpoint
+    (``selector.*``); writes ``checkpoints/last.ckpt`` in the stage folder: the classifier, its table and the
+    selector in one file, ready for ``ssmooth-certify``. A finished stage is skipped."""
+    import dataclasses
+    import functools
+
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from ssmooth.lit.module import load_checkpoint
+    from ssmooth.lit.selector import SelectorModule, default_selector_model, level_targets, save_with_selector
+
+    output_dir = Path(cfg.output_dir)
+    out = output_dir / "checkpoints" / "last.ckpt"
+    if out.is_file():
+        print(f"{output_dir}: selector already trained, skipping")
+        return out
+    options = plain(cfg.selector)
+    unknown = set(options) - {"enabled", "model", "sigma_e", "epochs", "lr"}
+    if unknown:
+        raise ConfigError(f"selector: unknown key(s) {sorted(unknown)}")
+    meta, state = load_checkpoint(classifier_ckpt)
+    grid = meta["noise"].get("grid") or []
+    if len(grid) < 2:
+        raise ConfigError(f"selector: {classifier_ckpt} was not finetuned with per-sample levels (grid {grid})")
+    sigma_e = float(options.get("sigma_e") or max(grid))  # at least the largest level, as in Dual RS
+    if not sigma_e > 0:
+        raise ConfigError(f"selector.sigma_e={sigma_e} must be > 0")
+    datamodule = build_datamodule(plain(cfg.dataset), cfg.seed)
+    datamodule.setup("fit")
+    train_indices = datamodule.train_set.indices
+    targets = torch.zeros(len(state["noise.table"]), dtype=torch.long)
+    try:
+        targets[train_indices] = level_targets(state["noise.table"][train_indices], grid)
+    except ValueError as err:
+        raise ConfigError(f"selector: {err}") from None
+    model_cfg = options.get("model") or default_selector_model(meta["model"])
+    L.seed_everything(cfg.seed, workers=True)
+    selector = build_model(model_cfg, dataclasses.replace(datamodule.info, num_classes=len(grid)))
+    try:
+        optimizer = functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
+    except Exception as err:
+        raise ConfigError(f"optim: {_root_cause(err)}") from None
+    module = SelectorModule(selector, targets, sigma_e, len(grid), optimizer, meta=meta)
+    loggers = build_loggers(plain(cfg.logger), output_dir)
+    trainer = build_trainer(cfg, output_dir, loggers, callbacks=[])
+    try:
+        # Training data only: the test split has class labels, not levels.
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    finally:
+        _finish_wandb(loggers)
+    if not trainer.is_global_zero:
+        return None
+    selector_meta = {"model": model_cfg, "grid": [float(s) for s in grid], "sigma_e": sigma_e,
+                     "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt)}
+    save_with_selector(classifier_ckpt, selector, selector_meta, out)
+    print(f"level selector: {out} (certify it with ssmooth-certify ckpt={out} certify.policy=inductive)")
+    return out
 
 
 def train_and_certify(cfg: DictConfig) -> dict | None:
@@ -279,7 +348,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         module = SigmaFinetuneModule(model=model, objective=objective, noise=noise, optimizer=optimizer,
                                      scheduler=scheduler, num_classes=info.num_classes, meta=meta,
                                      update_every=cfg.noise.update_every, num_draws=cfg.noise.num_draws,
-                                     soft=cfg.noise.soft)
+                                     soft=cfg.noise.soft, selection=cfg.noise.get("selection", "local"),
+                                     fraction=cfg.noise.get("fraction", 1.0))
     else:
         module = SmoothingModule(model=model, objective=objective, noise=noise, optimizer=optimizer,
                                  scheduler=scheduler, num_classes=info.num_classes, meta=meta)

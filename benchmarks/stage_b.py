@@ -1,0 +1,183 @@
+"""Wall time of sample-wise finetuning (selection included) against constant-sigma finetuning, at equal epochs,
+and the certified radius each gives.
+
+One model is pretrained with Gaussian augmentation at --sigma. From it, every arm finetunes for --epochs with the
+same optimizer, data and batches:
+- constant: the base level for every sample;
+- full: the original selection rule, every sample at every grid level with 32 draws every 2 epochs;
+- local: the default rule, a rotating fifth of the samples per epoch probes the two neighbouring levels with 4
+  soft draws each, the current level's vote read off the training steps.
+The arms run interleaved (constant, full, local, then the next round with the next seed), so a change in load
+hits them alike; the table gives the best and the median time of each arm over the rounds and the ratios to the
+constant arm. Then each round's models are certified on the same test points with the same seed (n = --n,
+alpha 0.001): the constant arm at the base level, the sample-wise arms with per-point levels and the fill
+allocation (a sound certificate), whose ACR is the one to keep.
+
+    .venv/bin/python benchmarks/stage_b.py --threads 2                        # digits + MLP, a few minutes
+    .venv/bin/python benchmarks/stage_b.py --threads 2 --dataset mnist --npz-dir DATA --train-subset 6000
+    .venv/bin/python benchmarks/stage_b.py --quick                            # smoke run (numbers meaningless)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import header  # noqa: E402  (the machine description every benchmark prints)
+
+ARMS = {
+    "constant": None,
+    "full": dict(selection="full", num_draws=32, update_every=2, soft=False),
+    "local": dict(selection="local", num_draws=4, update_every=1, soft=True, fraction=0.2),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
+    parser.add_argument("--npz-dir", default=None, help="folder of mnist_{train,test}.npz (dataset.source=npz)")
+    parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10, help="finetuning epochs of every arm")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one seed each)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--n", type=int, default=10_000, help="certification samples per point")
+    parser.add_argument("--skip", type=int, default=1, help="certify every skip-th test point")
+    parser.add_argument("--max-points", type=int, default=-1, help="certify test positions below this (-1: all)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pretrain_epochs, args.epochs, args.rounds, args.n, args.max_points = 2, 2, 1, 200, 40
+    return args
+
+
+def build(args, seed: int):
+    from ssmooth.data import SmoothingDataModule
+    from ssmooth.models import create_model
+
+    options = dict(name=args.dataset, seed=seed, train_subset=args.train_subset)
+    if args.dataset == "mnist":
+        options.update(source="npz" if args.npz_dir else "auto", npz_dir=args.npz_dir, batch_size=400)
+    datamodule = SmoothingDataModule(**options)
+    datamodule.setup("fit")
+    info = datamodule.info
+    if args.dataset == "mnist":
+        model = create_model("lenet", num_classes=info.num_classes, input_shape=info.input_shape)
+    else:
+        model = create_model("mlp", num_classes=info.num_classes, input_shape=info.input_shape,
+                             mean=info.mean, std=info.std)
+    return datamodule, model
+
+
+def fit(module, datamodule, epochs: int) -> float:
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    began = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    return time.perf_counter() - began
+
+
+def module_for(arm: str, model, datamodule, args, lr: float, seed: int):
+    from functools import partial
+
+    from ssmooth.lit.finetune import SigmaFinetuneModule
+    from ssmooth.lit.module import SmoothingModule
+    from ssmooth.noise import ConstantSigma, SampleWiseSigma, sigma_grid
+    from ssmooth.objectives import GaussianAugmentation
+
+    common = dict(model=model, objective=GaussianAugmentation(), num_classes=datamodule.info.num_classes,
+                  optimizer=partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=1e-4), meta={"seed": seed})
+    if ARMS.get(arm) is None:
+        return SmoothingModule(noise=ConstantSigma(args.sigma), **common)
+    grid = sigma_grid(args.sigma, [0.5, 0.75, 1.0, 1.5, 2.0])
+    table = SampleWiseSigma(args.sigma, grid, int(datamodule.train_set.indices.max()) + 1)
+    return SigmaFinetuneModule(noise=table, **common, **ARMS[arm])
+
+
+def certify_acr(model, datamodule, args, samplewise: bool, out: Path) -> float:
+    from ssmooth.evaluate import CertifyConfig, certify_model
+
+    cfg = CertifyConfig(n0=100, n=args.n, alpha=0.001, batch_size=10_000, skip=args.skip, max=args.max_points,
+                        policy="samplewise" if samplewise else "constant", compare_allocations=False,
+                        progress=False)
+    points = datamodule.test_points(cfg.skip, cfg.max, cfg.start)
+    grid = None
+    if samplewise:
+        from ssmooth.noise import sigma_grid
+
+        grid = sigma_grid(args.sigma, [0.5, 0.75, 1.0, 1.5, 2.0])
+    summary = certify_model(model, points, out, cfg, num_classes=datamodule.info.num_classes, base_sigma=args.sigma,
+                            grid=grid, dataset=datamodule.info.name)
+    return summary["variants"][summary["main"]]["acr"], len(points)
+
+
+def main(argv=None) -> None:
+    import lightning as L
+
+    from ssmooth.lit.module import SmoothingModule
+    from ssmooth.noise import ConstantSigma
+    from ssmooth.objectives import GaussianAugmentation
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import logging
+    import warnings
+
+    # One trainer per arm and round: keep Lightning's per-fit banner and warnings out of the printed tables.
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    print(header(args, torch.device("cpu")))
+
+    L.seed_everything(0, verbose=False)
+    datamodule, model = build(args, seed=0)
+    pretrain = SmoothingModule(model=model, objective=GaussianAugmentation(), noise=ConstantSigma(args.sigma),
+                               optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9,
+                                                                        weight_decay=1e-4),
+                               num_classes=datamodule.info.num_classes)
+    pretrain_s = fit(pretrain, datamodule, args.pretrain_epochs)
+    pretrained = copy.deepcopy(model.state_dict())
+    print(f"pretrained {args.dataset} ({len(datamodule.train_set)} training images) for {args.pretrain_epochs} "
+          f"epochs at sigma {args.sigma} in {pretrain_s:.1f} s\n")
+
+    times = {arm: [] for arm in args.arms}
+    acr = {arm: [] for arm in args.arms}
+    with tempfile.TemporaryDirectory(prefix="stage_b_") as tmp:
+        for r in range(args.rounds):
+            for arm in args.arms:
+                L.seed_everything(r, verbose=False)
+                datamodule, model = build(args, seed=r)
+                model.load_state_dict(pretrained)
+                module = module_for(arm, model, datamodule, args, lr=0.01, seed=r)
+                times[arm].append(fit(module, datamodule, args.epochs))
+                value, num_points = certify_acr(model, datamodule, args, arm != "constant", Path(tmp) / f"{arm}_{r}")
+                acr[arm].append(value)
+                print(f"round {r}: {arm:8s} {times[arm][-1]:7.1f} s   ACR {value:.3f}", flush=True)
+
+    base_best, base_median = min(times["constant"]), statistics.median(times["constant"])
+    print(f"\n## Finetuning wall time, {args.epochs} epochs, {args.rounds} interleaved rounds\n")
+    print("| arm | best s | median s | best / constant best | median / constant median | ACR mean | ACR per round |")
+    print("|---|---|---|---|---|---|---|")
+    for arm in args.arms:
+        best, median = min(times[arm]), statistics.median(times[arm])
+        print(f"| {arm} | {best:.1f} | {median:.1f} | {best / base_best:.2f} | {median / base_median:.2f} | "
+              f"{statistics.mean(acr[arm]):.3f} | {', '.join(f'{a:.3f}' for a in acr[arm])} |")
+    print(f"\nACR: {num_points} test points, n0 = 100, n = {args.n:,}, alpha = 0.001; constant arm at sigma "
+          f"{args.sigma}, sample-wise arms with per-point levels and the fill allocation.")
+    print(f"load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
