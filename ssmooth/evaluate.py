@@ -1,11 +1,14 @@
 """Certify a trained model on a test subset: constant-sigma certificate, and for sample-wise runs the selected
-levels, the unallocated radii and every allocation rule, each verified before anything is written.
+levels, the unallocated radii, every allocation rule (each verified before anything is written), the constant
+certificate at the best single level of the grid, and with a level selector the inductive certificate. Each
+result is a certificate kind (``ssmooth.certify.kinds``): its summary entry says whether it is sound and where.
 
 Shared by ``ssmooth-train`` (after fit), ``ssmooth-certify`` (a checkpoint) and the certification callback.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,12 +19,14 @@ import torch
 from torch import nn
 
 from ssmooth import report
+from ssmooth.certify import kinds
 from ssmooth.certify.allocation import allocate, verify_allocation
+from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, certify_points_inductive
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points
 from ssmooth.certify.stats import require_useful_sample_size
 
-POLICIES = ("constant", "samplewise")
+POLICIES = ("constant", "samplewise", "inductive")
 ALLOCATION_RULES = ("fill", "halving", "lp")
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,7 +45,7 @@ class CertifyConfig:
     alpha: float = 0.001
     batch_size: int = 1000
     points_per_group: int | None = None  # None: enough points to fill one forward batch of the n samples
-    policy: str | None = None  # None: as the model was trained (sample-wise runs certify sample-wise)
+    policy: str | None = None  # None: as the model was trained (a level selector: inductive; a grid: sample-wise)
     sigma: float | None = None  # constant level; None: the base level the model was trained at
     grid_factors: list[float] | None = None  # sample-wise grid, sigma * factor; None: the training grid
     selection_samples: int = 64
@@ -50,6 +55,9 @@ class CertifyConfig:
     # whose certificate is already at the n-sample ceiling.
     selection_cap: str = "certifiable"  # certifiable | draws
     allocation: str = "fill"  # the headline rule; every rule is computed and reported
+    # With a grid, also certify at every single level of it and report the best (the honest baseline for any
+    # per-sample claim); costs one constant certification per level.
+    best_constant: bool = True
     compare_allocations: bool = True
     radii: list[float] | None = None  # report radii; None: the dataset's standard radii
     autocast: str | None = None
@@ -99,14 +107,21 @@ def certify_model(
     dataset: str = "",
     meta: dict | None = None,
     device: torch.device | str = "cpu",
+    selector: tuple[nn.Module, Sequence[float], float] | None = None,
 ) -> dict:
     """Certify ``points`` (items ``(x, y, index)``) and write rows + ``summary.json`` into ``out_dir``.
 
+    ``selector``: ``(h_e, grid, sigma_e)``, the level selector of the inductive certificate (``load_selector``);
+    when given, the inductive certificate is computed on the same points, beside the constant one and, when
+    ``grid`` is given too, the transductive ones and the best single level.
     Re-running into the same folder resumes every TSV where it stopped. Returns the summary.
     """
     cfg.validate()
     if cfg.policy is None:
-        cfg = replace(cfg, policy="samplewise" if grid else "constant")
+        cfg = replace(cfg, policy="inductive" if selector is not None else "samplewise" if grid else "constant")
+    if cfg.policy == "inductive" and selector is None:
+        raise ValueError("certify.policy=inductive needs a checkpoint with a level selector (the pipeline's "
+                         "selector stage writes one)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -126,11 +141,19 @@ def certify_model(
     constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")
     _run(model, points, constant_path, ROW_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg)
     constant_rows = read_rows(constant_path)
-    variants["constant"] = {**report.summarize_rows(constant_rows, radii), "sound": True, "sigma": sigma0}
+    variants["constant"] = kinds.CONSTANT.entry(constant_rows, radii, sigma=sigma0)
     main = "constant"
     extra: dict = {}
 
-    if cfg.policy == "samplewise":
+    if grid and cfg.best_constant:
+        by_sigma = {}
+        for level in sorted(float(s) for s in grid):
+            path = constant_path if level == sigma0 else out / f"certify_constant_s{level:g}.tsv"
+            _run(model, points, path, ROW_COLUMNS, sigma=level, common=common, label=f"constant {level:g}", cfg=cfg)
+            by_sigma[level] = read_rows(path)
+        variants["constant_best"] = kinds.best_constant(by_sigma, radii)
+
+    if cfg.policy == "samplewise" or (grid and cfg.policy == "inductive"):  # with a grid, inductive runs beside
         if not grid:
             raise ValueError("certify.policy=samplewise needs a grid of levels (noise.grid_factors or certify.grid_factors)")
         grid = sorted(float(s) for s in grid)
@@ -140,15 +163,15 @@ def certify_model(
         clip = (1 / (2 * m), max(1 - 1 / (2 * m), cfg.alpha ** (1 / cfg.n))) \
             if cfg.selection_cap == "certifiable" else None
 
-        def selector(x, generator):
+        def choose_levels(x, generator):
             return select_sigma(model, x, grid, num_samples=m, labels=None, generator=generator,
                                 batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
-        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=selector, common=common, label="sample-wise", cfg=cfg)
+        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=choose_levels, common=common, label="sample-wise", cfg=cfg)
         raw = read_rows(raw_path)
-        variants["samplewise_raw"] = {**report.summarize_rows(raw, radii), "sound": False,
-                                      "note": "unallocated radii: an upper bound, not a certificate"}
+        variants["samplewise_raw"] = kinds.SAMPLEWISE_RAW.entry(
+            raw, radii, note="unallocated radii: an upper bound, not a certificate")
         # Allocation sees every evaluated point, in dataset-index order; it never sees labels.
         position = {int(points[i][2]): i for i in range(len(points))}
         x_all = torch.stack([points[position[int(i)]][0] for i in raw["idx"]])
@@ -165,14 +188,28 @@ def certify_model(
             stats = {"num_points_T": allocation.num_points, "num_conflicting_pairs": allocation.num_conflicts,
                      # NaN when no point was certified: null keeps summary.json strict JSON
                      "mean_r_over_R": None if np.isnan(allocation.mean_ratio) else allocation.mean_ratio}
-            variants[f"samplewise_{rule}"] = {**report.summarize_rows(rows, radii), "sound": True,
-                                              "allocation": rule, **stats}
-            if rule == cfg.allocation:
+            variants[f"samplewise_{rule}"] = kinds.transductive(rule).entry(rows, radii, allocation=rule, **stats)
+            if rule == cfg.allocation and cfg.policy == "samplewise":
                 write_rows(rows[list(SAMPLEWISE_COLUMNS)], out / "certify.tsv")
         main = f"samplewise_{cfg.allocation}"
         levels, counts = np.unique(sigma_all, return_counts=True)
         extra["selected_sigma_histogram"] = {f"{s:g}": int(c) for s, c in zip(levels, counts)}
         extra["grid"] = grid
+
+    if selector is not None:
+        h_e, selector_grid, sigma_e = selector
+        h_e = h_e.to(device)
+        if cfg.channels_last:
+            h_e = copy.deepcopy(h_e).to(memory_format=torch.channels_last)
+        path = out / ("certify.tsv" if cfg.policy == "inductive" else "certify_inductive.tsv")
+        runner = functools.partial(certify_points_inductive, selector=h_e, grid=selector_grid, sigma_e=sigma_e)
+        _run(model, points, path, INDUCTIVE_COLUMNS, sigma=None, common=common, label="inductive", cfg=cfg,
+             runner=runner)
+        rows = read_rows(path)
+        variants["inductive"] = kinds.INDUCTIVE.entry(rows, radii, sigma_e=float(sigma_e),
+                                                      **kinds.inductive_details(rows, selector_grid))
+        if cfg.policy == "inductive":
+            main = "inductive"
 
     summary = {
         "name": (meta or {}).get("name", out.name),
@@ -181,7 +218,7 @@ def certify_model(
         "objective": (meta or {}).get("objective", ""),
         "sigma_policy": cfg.policy,
         "sigma": sigma0,
-        "allocation": cfg.allocation if cfg.policy == "samplewise" else None,
+        "allocation": cfg.allocation if cfg.policy != "constant" else None,
         "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "points": {"split": cfg.split, "skip": cfg.skip, "max": cfg.max, "start": cfg.start,
                    "count": int(len(constant_rows)), "indices": [int(i) for i in constant_rows["idx"]]},
@@ -196,7 +233,7 @@ def certify_model(
     return summary
 
 
-def _run(model, points, path, columns, *, sigma, common, label, cfg) -> None:
+def _run(model, points, path, columns, *, sigma, common, label, cfg, runner=None) -> None:
     with RowWriter(path, columns) as writer:
         remaining = sum(1 for i in range(len(points)) if int(points[i][2]) not in writer.done)
         if remaining == 0:
@@ -207,7 +244,10 @@ def _run(model, points, path, columns, *, sigma, common, label, cfg) -> None:
 
             bar = tqdm(total=len(points), initial=len(points) - remaining, desc=f"certify ({label})", unit="pt")
         try:
-            certify_points(model, points, writer, sigma=sigma, progress=bar.update if bar else None, **common)
+            if runner is None:
+                certify_points(model, points, writer, sigma=sigma, progress=bar.update if bar else None, **common)
+            else:
+                runner(model, points, writer, progress=bar.update if bar else None, **common)
         finally:
             if bar is not None:
                 bar.close()

@@ -209,9 +209,21 @@ def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
     summary = train_cli.run(cfg)
     assert summary["sigma_policy"] == "samplewise"
     assert {p.parent.name for p in tmp_path.rglob("summary.json")} == {
-        "pretrain", "finetune_samplewise", "finetune_constant"}
+        "pretrain", "finetune_samplewise", "selector", "finetune_constant"}
+    inductive = json.loads((tmp_path / "selector" / "summary.json").read_text())
+    assert inductive["main"] == "inductive" and inductive["variants"]["inductive"]["setting"] == "any input"
+    assert inductive["points"]["indices"] == summary["points"]["indices"]
     report = (tmp_path / "report.md").read_text()
-    assert "samplewise_fill" in report and "unsound" in report
+    assert "samplewise_fill" in report and "unsound" in report and "inductive" in report
+    # The saved selector checkpoint certifies every kind on the same points: constant, the best single level,
+    # transductive and inductive.
+    every = certify_cli.run(compose_cfg("certify", [
+        f"ckpt={tmp_path / 'selector' / 'checkpoints' / 'last.ckpt'}", f"output_dir={tmp_path / 'cert'}",
+        "certify.n=100", "certify.n0=8", "certify.max=2", "certify.batch_size=64", "certify.progress=false"]))
+    assert every["sigma_policy"] == "inductive" and every["main"] == "inductive"
+    assert set(every["variants"]) >= {"constant", "constant_best", "samplewise_fill", "inductive"}
+    for key in ("acr", "level_histogram", "mean_radius_selector", "mean_radius_classifier"):  # same seeds
+        assert every["variants"]["inductive"][key] == inductive["variants"]["inductive"][key]
 
 
 def test_killed_training_resumes_from_last_to_the_same_final_epoch(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
   ssmooth-certify ckpt=outputs/runs/RUN/checkpoints/last.ckpt
   ssmooth-certify ckpt=PATH certify.skip=20 certify.n=100000 certify.alpha=0.001        # Cohen's protocol
   ssmooth-certify ckpt=PATH certify.policy=samplewise certify.allocation=lp             # per-point levels
+  ssmooth-certify ckpt=RUN/selector/checkpoints/last.ckpt certify.policy=inductive     # level selector
   ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=../shared/data          # data from .npz
 
 The checkpoint carries the architecture, normalization, dataset, classes and noise policy. Re-running into
@@ -56,6 +57,14 @@ def run(cfg: DictConfig) -> dict:
         from ssmooth.noise import sigma_grid
 
         grid = sigma_grid(cert_cfg.sigma or noise["sigma"], cert_cfg.grid_factors)
+    selector = None
+    if "selector" in meta and cert_cfg.policy in (None, "inductive"):
+        from ssmooth.lit.selector import load_selector
+
+        selector = load_selector(meta, state, datamodule.info)
+    if cert_cfg.policy == "inductive" and selector is None:
+        raise ConfigError(f"certify.policy=inductive: checkpoint {cfg.ckpt} has no level selector; train one with "
+                          "the pipeline's selector stage (stage=pipeline selector.enabled=true)")
     if cert_cfg.policy == "samplewise" and not grid:
         raise ConfigError(f"certify.policy=samplewise: checkpoint {cfg.ckpt} was trained at one level; give the "
                           "grid with certify.grid_factors=[0.5,1.0,2.0]")
@@ -63,7 +72,8 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     summary = certify_model(model, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
                             base_sigma=noise["sigma"], grid=grid, dataset=datamodule.info.name,
-                            meta={**meta, "checkpoint": str(cfg.ckpt)}, device=resolve_device(cfg.device))
+                            meta={**meta, "checkpoint": str(cfg.ckpt)}, device=resolve_device(cfg.device),
+                            selector=selector)
     report_certification(summary, output_dir)
     return summary
 

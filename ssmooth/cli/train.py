@@ -209,8 +209,8 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
     summaries["finetune_samplewise"] = train_and_certify(
         stage("finetune_samplewise", **finetune, **{"certify.policy": "samplewise"}))
     if cfg.selector.enabled:
-        train_selector(stage("selector", **{"trainer.max_epochs": cfg.selector.epochs}),
-                       out / "finetune_samplewise" / "checkpoints" / "last.ckpt")
+        summaries["selector"] = train_selector(stage("selector", **{"trainer.max_epochs": cfg.selector.epochs}),
+                                               out / "finetune_samplewise" / "checkpoints" / "last.ckpt")
     if pipeline.constant_arm:
         summaries["finetune_constant"] = train_and_certify(
             stage("finetune_constant", **finetune, noise=constant_noise, **{"certify.policy": "constant"}))
@@ -224,10 +224,12 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
     return summaries.get("finetune_samplewise")
 
 
-def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> Path | None:
+def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
     """The level selector of the inductive certificate, trained on the level table of a sample-wise checkpoint
-    (``selector.*``); writes ``checkpoints/last.ckpt`` in the stage folder: the classifier, its table and the
-    selector in one file, ready for ``ssmooth-certify``. A finished stage is skipped."""
+    (``selector.*``). Writes ``checkpoints/last.ckpt`` in the stage folder (the classifier, its table and the
+    selector in one file, ready for ``ssmooth-certify``), then certifies the inductive certificate on the same
+    points as the sample-wise stage (its constant and transductive certificates are that stage's). Returns the
+    summary. A finished stage is skipped, and an interrupted one resumes with the selector it already saved."""
     import dataclasses
     import functools
 
@@ -235,55 +237,76 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> Path | None:
     import torch
     from hydra.utils import instantiate
 
-    from ssmooth.lit.module import load_checkpoint
-    from ssmooth.lit.selector import SelectorModule, default_selector_model, level_targets, save_with_selector
+    from ssmooth.evaluate import certify_model
+    from ssmooth.lit.module import load_checkpoint, model_state
+    from ssmooth.lit.selector import (
+        SelectorModule,
+        default_selector_model,
+        level_targets,
+        load_selector,
+        save_with_selector,
+    )
 
     output_dir = Path(cfg.output_dir)
-    out = output_dir / "checkpoints" / "last.ckpt"
-    if out.is_file():
-        print(f"{output_dir}: selector already trained, skipping")
-        return out
+    if (output_dir / "summary.json").is_file():
+        print(f"{output_dir}: already finished (summary.json exists), skipping")
+        return json.loads((output_dir / "summary.json").read_text())
     options = plain(cfg.selector)
     unknown = set(options) - {"enabled", "model", "sigma_e", "epochs", "lr"}
     if unknown:
         raise ConfigError(f"selector: unknown key(s) {sorted(unknown)}")
-    meta, state = load_checkpoint(classifier_ckpt)
-    grid = meta["noise"].get("grid") or []
-    if len(grid) < 2:
-        raise ConfigError(f"selector: {classifier_ckpt} was not finetuned with per-sample levels (grid {grid})")
-    sigma_e = float(options.get("sigma_e") or max(grid))  # at least the largest level, as in Dual RS
-    if not sigma_e > 0:
-        raise ConfigError(f"selector.sigma_e={sigma_e} must be > 0")
+    cert_cfg = certify_config(cfg.certify)
     datamodule = build_datamodule(plain(cfg.dataset), cfg.seed)
     datamodule.setup("fit")
-    train_indices = datamodule.train_set.indices
-    targets = torch.zeros(len(state["noise.table"]), dtype=torch.long)
-    try:
-        targets[train_indices] = level_targets(state["noise.table"][train_indices], grid)
-    except ValueError as err:
-        raise ConfigError(f"selector: {err}") from None
-    model_cfg = options.get("model") or default_selector_model(meta["model"])
-    L.seed_everything(cfg.seed, workers=True)
-    selector = build_model(model_cfg, dataclasses.replace(datamodule.info, num_classes=len(grid)))
-    try:
-        optimizer = functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
-    except Exception as err:
-        raise ConfigError(f"optim: {_root_cause(err)}") from None
-    module = SelectorModule(selector, targets, sigma_e, len(grid), optimizer, meta=meta)
-    loggers = build_loggers(plain(cfg.logger), output_dir)
-    trainer = build_trainer(cfg, output_dir, loggers, callbacks=[])
-    try:
-        # Training data only: the test split has class labels, not levels.
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
-    finally:
-        _finish_wandb(loggers)
-    if not trainer.is_global_zero:
+    out = output_dir / "checkpoints" / "last.ckpt"
+    if not out.is_file():
+        meta, state = load_checkpoint(classifier_ckpt)
+        grid = meta["noise"].get("grid") or []
+        if len(grid) < 2:
+            raise ConfigError(f"selector: {classifier_ckpt} was not finetuned with per-sample levels (grid {grid})")
+        sigma_e = float(options.get("sigma_e") or max(grid))  # at least the largest level, as in Dual RS
+        if not sigma_e > 0:
+            raise ConfigError(f"selector.sigma_e={sigma_e} must be > 0")
+        train_indices = datamodule.train_set.indices
+        targets = torch.zeros(len(state["noise.table"]), dtype=torch.long)
+        try:
+            targets[train_indices] = level_targets(state["noise.table"][train_indices], grid)
+        except ValueError as err:
+            raise ConfigError(f"selector: {err}") from None
+        model_cfg = options.get("model") or default_selector_model(meta["model"])
+        L.seed_everything(cfg.seed, workers=True)
+        selector = build_model(model_cfg, dataclasses.replace(datamodule.info, num_classes=len(grid)))
+        try:
+            optimizer = functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
+        except Exception as err:
+            raise ConfigError(f"optim: {_root_cause(err)}") from None
+        module = SelectorModule(selector, targets, sigma_e, len(grid), optimizer, meta=meta)
+        loggers = build_loggers(plain(cfg.logger), output_dir)
+        trainer = build_trainer(cfg, output_dir, loggers, callbacks=[])
+        try:
+            # Training data only: the test split has class labels, not levels.
+            trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+        finally:
+            _finish_wandb(loggers)
+        if not trainer.is_global_zero:
+            return None
+        selector_meta = {"model": model_cfg, "grid": [float(s) for s in grid], "sigma_e": sigma_e,
+                         "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt)}
+        save_with_selector(classifier_ckpt, selector, selector_meta, out)
+    if not cert_cfg.enabled:
         return None
-    selector_meta = {"model": model_cfg, "grid": [float(s) for s in grid], "sigma_e": sigma_e,
-                     "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt)}
-    save_with_selector(classifier_ckpt, selector, selector_meta, out)
-    print(f"level selector: {out} (certify it with ssmooth-certify ckpt={out} certify.policy=inductive)")
-    return out
+    # Everything certified comes from the one saved file, so a resumed stage never mixes two selectors' rows.
+    meta, state = load_checkpoint(out)
+    classifier = build_model(meta["model"], datamodule.info)
+    classifier.load_state_dict(model_state(state))
+    selector = load_selector(meta, state, datamodule.info)
+    points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
+    cert_cfg = dataclasses.replace(cert_cfg, policy="inductive", best_constant=False)
+    summary = certify_model(classifier, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
+                            base_sigma=meta["noise"]["sigma"], dataset=datamodule.info.name,
+                            meta={**meta, "name": cfg.name}, device=resolve_device("auto"), selector=selector)
+    report_certification(summary, output_dir)
+    return summary
 
 
 def train_and_certify(cfg: DictConfig) -> dict | None:
