@@ -55,8 +55,8 @@ class CertifyConfig:
     # whose certificate is already at the n-sample ceiling.
     selection_cap: str = "certifiable"  # certifiable | draws
     allocation: str = "fill"  # the headline rule; every rule is computed and reported
-    # With a grid, also certify at every single level of it and report the best (the honest baseline for any
-    # per-sample claim); costs one constant certification per level.
+    # Sample-wise and inductive runs also certify at every single level of the grid and report the best (the
+    # honest baseline for any per-sample claim); costs one constant certification per level.
     best_constant: bool = True
     compare_allocations: bool = True
     radii: list[float] | None = None  # report radii; None: the dataset's standard radii
@@ -145,7 +145,7 @@ def certify_model(
     main = "constant"
     extra: dict = {}
 
-    if grid and cfg.best_constant:
+    if grid and cfg.best_constant and cfg.policy != "constant":
         by_sigma = {}
         for level in sorted(float(s) for s in grid):
             path = constant_path if level == sigma0 else out / f"certify_constant_s{level:g}.tsv"
@@ -168,7 +168,8 @@ def certify_model(
                                 batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
-        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=choose_levels, common=common, label="sample-wise", cfg=cfg)
+        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=choose_levels, common=common, label="sample-wise",
+             cfg=cfg)
         raw = read_rows(raw_path)
         variants["samplewise_raw"] = kinds.SAMPLEWISE_RAW.entry(
             raw, radii, note="unallocated radii: an upper bound, not a certificate")

@@ -107,7 +107,7 @@ def test_ddp_cpu_training_gathers_the_sigma_table(tmp_path):
     cfg = compose_cfg("train", [f"output_dir={finetune}", *TINY, "trainer=ddp_cpu", "stage=finetune",
                                 f"pretrained={pretrain / 'checkpoints' / 'last.ckpt'}", "noise=samplewise",
                                 "noise.grid_factors=[0.5,2.0]", "noise.num_draws=4", "dataset.train_subset=16",
-                                "certify.enabled=false"])
+                                "noise.fraction=1", "certify.enabled=false"])  # every sample in the one update
     train_cli.run(cfg)
     state = torch.load(finetune / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     table = state["noise.table"][:1437]

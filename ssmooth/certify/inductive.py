@@ -149,10 +149,10 @@ INDUCTIVE_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "t
 
 def certify_points_inductive(
     classifier: nn.Module,
-    selector: nn.Module,
     points: Sequence,
     writer,
     *,
+    selector: nn.Module,
     grid: Sequence[float],
     sigma_e: float,
     n0: int,

@@ -105,7 +105,8 @@ def test_over_certification_stays_within_half_alpha_per_part():
     limit = lambda rate: binom.ppf(1 - 1e-6, num_points, rate)  # noqa: E731  (false alarm 1e-6)
     assert selector_fails.sum() <= limit(alpha / 2)
     assert classifier_fails.sum() <= limit(alpha / 2)
-    deployed_fails = (pred != ABSTAIN) & ((pred != true_class) | (got.radius.numpy() > np.abs(classifier_margin) + 1e-6))
+    deployed_fails = (pred != ABSTAIN) & ((pred != true_class) |
+                                          (got.radius.numpy() > np.abs(classifier_margin) + 1e-6))
     assert (selector_fails | classifier_fails).sum() <= limit(alpha)
     assert deployed_fails.sum() <= limit(alpha)
     # The points are where the bound is tight: each part fails at close to alpha / 2, so a looser bound shows.
