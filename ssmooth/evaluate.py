@@ -227,6 +227,7 @@ def certify_model(
         "main": main,
         "variants": variants,
         "wall_time_s": round(time.perf_counter() - began, 2),
+        "train_wall_time_s": (meta or {}).get("train_wall_time_s"),  # the model's training, when known
         "certify_config": asdict(cfg),
         **extra,
     }

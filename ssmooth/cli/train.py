@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import hydra
@@ -283,6 +284,7 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
         module = SelectorModule(selector, targets, sigma_e, len(grid), optimizer, meta=meta)
         loggers = build_loggers(plain(cfg.logger), output_dir)
         trainer = build_trainer(cfg, output_dir, loggers, callbacks=[])
+        began = time.perf_counter()
         try:
             # Training data only: the test split has class labels, not levels.
             trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
@@ -291,7 +293,8 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
         if not trainer.is_global_zero:
             return None
         selector_meta = {"model": model_cfg, "grid": [float(s) for s in grid], "sigma_e": sigma_e,
-                         "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt)}
+                         "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt),
+                         "train_wall_time_s": round(time.perf_counter() - began, 2)}
         save_with_selector(classifier_ckpt, selector, selector_meta, out)
     if not cert_cfg.enabled:
         return None
@@ -304,7 +307,9 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
     cert_cfg = dataclasses.replace(cert_cfg, policy="inductive", best_constant=False)
     summary = certify_model(classifier, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
                             base_sigma=meta["noise"]["sigma"], dataset=datamodule.info.name,
-                            meta={**meta, "name": cfg.name}, device=resolve_device("auto"), selector=selector)
+                            meta={**meta, "name": cfg.name,
+                                  "train_wall_time_s": meta["selector"].get("train_wall_time_s")},
+                            device=resolve_device("auto"), selector=selector)
     report_certification(summary, output_dir)
     return summary
 
@@ -391,7 +396,10 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     for logger in loggers:
         logger.log_hyperparams(plain(cfg))
     try:
+        began = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.ckpt_path, output_dir))
+        # Selection included; after a resume, only the resumed part.
+        meta = {**meta, "train_wall_time_s": round(time.perf_counter() - began, 2)}
         if not trainer.is_global_zero or not cert_cfg.enabled:
             return None
         device = resolve_device("auto")
