@@ -11,6 +11,7 @@ summary covers exactly the requested points.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,14 +22,16 @@ import torch
 from torch import nn
 
 from ssmooth import report
+from ssmooth.certify import kinds
 from ssmooth.certify.allocation import allocate, verify_allocation
 from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
+from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, certify_points_inductive
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points
 from ssmooth.certify.runfolder import fingerprint, open_run_folder, state_dict_sha256
 from ssmooth.certify.stats import require_useful_sample_size
 
-POLICIES = ("constant", "samplewise")
+POLICIES = ("constant", "samplewise", "inductive")
 ALLOCATION_RULES = ("fill", "halving", "lp")
 SAMPLING = ("fixed", "adaptive")
 # Every row also carries the forward passes its point cost (n0 + estimation draws), so that a report can show
@@ -56,7 +59,7 @@ class CertifyConfig:
     sampling: str = "fixed"
     max_radius_loss: float = 0.02
     points_per_group: int | None = None  # None: enough points to fill one forward batch of the n samples
-    policy: str | None = None  # None: as the model was trained (sample-wise runs certify sample-wise)
+    policy: str | None = None  # None: as the model was trained (a level selector: inductive; a grid: sample-wise)
     sigma: float | None = None  # constant level; None: the base level the model was trained at
     grid_factors: list[float] | None = None  # sample-wise grid, sigma * factor; None: the training grid
     selection_samples: int = 64
@@ -66,6 +69,9 @@ class CertifyConfig:
     # whose certificate is already at the n-sample ceiling.
     selection_cap: str = "certifiable"  # certifiable | draws
     allocation: str = "fill"  # the headline rule; every rule is computed and reported
+    # Sample-wise and inductive runs also certify at every single level of the grid and report the best (the
+    # honest baseline for any per-sample claim); costs one constant certification per level.
+    best_constant: bool = True
     compare_allocations: bool = True
     radii: list[float] | None = None  # report radii; None: the dataset's standard radii
     autocast: str | None = None
@@ -142,10 +148,12 @@ def certification_points(datamodule, cfg: CertifyConfig):
 
 
 def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, dataset: str, sigma: float,
-                    grid: Sequence[float] | None) -> dict:
+                    grid: Sequence[float] | None, selector=None) -> dict:
     """The fingerprint of a certification with these settings on these points (see ssmooth.certify.runfolder).
-    ``cfg.policy`` must be resolved; ``grid`` and the selection settings count only for sample-wise runs."""
-    samplewise = cfg.policy == "samplewise"
+    ``cfg.policy`` must be resolved; ``grid`` and the selection settings count only where per-point levels are
+    chosen by test-time selection (sample-wise runs, and inductive runs with a grid, which report both); a level
+    selector counts by its weights, grid and noise level."""
+    samplewise = cfg.policy == "samplewise" or (cfg.policy == "inductive" and bool(grid))
     selection = {"selection_samples": cfg.selection_samples, "soft_selection": cfg.soft_selection,
                  "selection_cap": cfg.selection_cap} if samplewise else None
     labels = points.labels if hasattr(points, "labels") else [points[i][1] for i in range(len(points))]
@@ -160,6 +168,10 @@ def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, datas
         # Rows of fixed and adaptive sampling (or of two budgets) must never share a folder; fixed runs keep the
         # fingerprint they always had.
         fp["sampling"] = {"kind": cfg.sampling, "max_radius_loss": float(cfg.max_radius_loss)}
+    if selector is not None:
+        h_e, selector_grid, sigma_e = selector
+        fp["selector"] = {"sha256": state_dict_sha256(h_e), "grid": [float(s) for s in selector_grid],
+                          "sigma_e": float(sigma_e)}
     return fp
 
 
@@ -185,8 +197,13 @@ def certify_model(
     rows_only: bool = False,
     merge_from: Sequence[str | Path] | None = None,
     bar: dict | None = None,
+    selector: tuple[nn.Module, Sequence[float], float] | None = None,
 ) -> dict:
     """Certify ``points`` (items ``(x, y, index)``) and write rows + ``summary.json`` into ``out_dir``.
+
+    ``selector``: ``(h_e, grid, sigma_e)``, the level selector of the inductive certificate (``load_selector``);
+    when given, the inductive certificate is computed on the same points, beside the constant one and, when
+    ``grid`` is given too, the transductive ones and the best single level.
 
     ``checkpoint_sha256``: the sha256 of the checkpoint file the model was loaded from; None hashes the model's
     state_dict (a model certified right after training). Re-running into the same folder with the same
@@ -198,11 +215,11 @@ def certify_model(
     allocation, returning ``{"files": [row files]}``; with ``merge_from`` (the part folders) it first merges
     their rows into ``out_dir``, under its lock, so nothing is certified again. ``bar``: extra tqdm settings.
     """
-    cfg = _resolved(cfg, grid)
+    cfg = _resolved(cfg, grid, selector)
     out = Path(out_dir)
     sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
     fp = run_fingerprint(cfg, points, dataset=dataset, sigma=sigma0, grid=grid,
-                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model))
+                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model), selector=selector)
     if merge_from is not None:  # a bad part is refused before this folder is touched
         merge_parts(merge_from, None, fp, _indices(points))
     with open_run_folder(out, fp, overwrite=cfg.overwrite):
@@ -210,7 +227,8 @@ def certify_model(
             merge_parts(merge_from, out, fp, _indices(points))
         try:
             return _certify_locked(model, points, out, cfg, fp, num_classes=num_classes, sigma0=sigma0, grid=grid,
-                                   dataset=dataset, meta=meta, device=device, rows_only=rows_only, bar=bar)
+                                   dataset=dataset, meta=meta, device=device, rows_only=rows_only, bar=bar,
+                                   selector=selector)
         except CertificationInterrupted:
             raise
         except KeyboardInterrupt:
@@ -219,18 +237,22 @@ def certify_model(
             ) from None
 
 
-def _resolved(cfg: CertifyConfig, grid) -> CertifyConfig:
-    """``cfg`` validated, with the policy decided (sample-wise when the model was trained with a grid)."""
+def _resolved(cfg: CertifyConfig, grid, selector=None) -> CertifyConfig:
+    """``cfg`` validated, with the policy decided (inductive with a level selector, sample-wise when the model
+    was trained with a grid, else constant)."""
     cfg.validate()
     if cfg.policy is None:
-        cfg = replace(cfg, policy="samplewise" if grid else "constant")
+        cfg = replace(cfg, policy="inductive" if selector is not None else "samplewise" if grid else "constant")
     if cfg.policy == "samplewise" and not grid:
         raise ValueError("certify.policy=samplewise needs a grid of levels (noise.grid_factors or certify.grid_factors)")
+    if cfg.policy == "inductive" and selector is None:
+        raise ValueError("certify.policy=inductive needs a checkpoint with a level selector (the pipeline's "
+                         "selector stage writes one)")
     return cfg
 
 
 def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, num_classes, sigma0, grid, dataset,
-                    meta, device, rows_only=False, bar=None) -> dict:
+                    meta, device, rows_only=False, bar=None, selector=None) -> dict:
     began = time.perf_counter()
     requested = _indices(points)
     model = model.to(device)  # certify and select_sigma switch to eval mode themselves and switch back
@@ -246,19 +268,24 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
                   sampling=cfg.sampling, max_radius_loss=cfg.max_radius_loss)
     variants: dict[str, dict] = {}
 
-    constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")
-    _run(model, points, constant_path, CONSTANT_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg,
-         bar=bar)
-    if rows_only and cfg.policy == "constant":
-        return {"files": [constant_path.name]}
-    constant_rows = _requested_rows(constant_path, requested)
-    variants["constant"] = {**report.summarize_rows(constant_rows, radii), "sound": True, "sigma": sigma0,
-                            "forward_passes": int(constant_rows["samples"].sum())}
-    forward_passes = variants["constant"]["forward_passes"]
-    main = "constant"
-    extra: dict = {}
+    # Every row file first (a part of a distributed run stops there; the merge brings them together), then the
+    # summary entries, each a certificate kind (ssmooth.certify.kinds).
+    files: list[str] = []
 
-    if cfg.policy == "samplewise":
+    def rows_of(path, columns, label, **how):
+        _run(model, points, path, columns, common=common, label=label, cfg=cfg, bar=bar, **how)
+        files.append(path.name)
+
+    constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")
+    rows_of(constant_path, CONSTANT_COLUMNS, "constant", sigma=sigma0)
+    per_level = {}  # the constant certificate at every grid level: the best single level is the honest baseline
+    if grid and cfg.best_constant and cfg.policy != "constant":
+        for level in sorted(float(s) for s in grid):
+            per_level[level] = constant_path if level == sigma0 else out / f"certify_constant_s{level:g}.tsv"
+            if level != sigma0:
+                rows_of(per_level[level], CONSTANT_COLUMNS, f"constant {level:g}", sigma=level)
+    samplewise = cfg.policy == "samplewise" or (bool(grid) and cfg.policy == "inductive")
+    if samplewise:
         grid = sorted(float(s) for s in grid)
         from ssmooth.selection import select_sigma
 
@@ -266,21 +293,47 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
         clip = (1 / (2 * m), max(1 - 1 / (2 * m), cfg.alpha ** (1 / cfg.n))) \
             if cfg.selection_cap == "certifiable" else None
 
-        def selector(x, streams):
+        def choose_levels(x, streams):
             # the "level" streams: never the draws that certification uses
             return select_sigma(model, x, grid, num_samples=m, labels=None, streams=streams("level", len(grid) * m),
                                 batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
-        _run(model, points, raw_path, SAMPLEWISE_ROW_COLUMNS, sigma=selector, common=common, label="sample-wise",
-             cfg=cfg, bar=bar)
-        if rows_only:
-            return {"files": [constant_path.name, raw_path.name]}
+        rows_of(raw_path, SAMPLEWISE_ROW_COLUMNS, "sample-wise", sigma=choose_levels)
+    if selector is not None:
+        h_e, selector_grid, sigma_e = selector
+        h_e = h_e.to(device)
+        if cfg.channels_last:
+            h_e = copy.deepcopy(h_e).to(memory_format=torch.channels_last)
+        inductive_path = out / ("certify.tsv" if cfg.policy == "inductive" else "certify_inductive.tsv")
+        runner = functools.partial(certify_points_inductive, selector=h_e, grid=selector_grid, sigma_e=sigma_e)
+        rows_of(inductive_path, INDUCTIVE_COLUMNS, "inductive", sigma=None, runner=runner)
+    if rows_only:
+        return {"files": files}
+
+    constant_rows = _requested_rows(constant_path, requested)
+    variants["constant"] = kinds.CONSTANT.entry(constant_rows, radii, sigma=sigma0,
+                                                forward_passes=int(constant_rows["samples"].sum()))
+    forward_passes = variants["constant"]["forward_passes"]
+    main = "constant"
+    extra: dict = {}
+    if per_level:
+        by_sigma = {level: _requested_rows(path, requested) for level, path in per_level.items()}
+        variants["constant_best"] = kinds.best_constant(by_sigma, radii)
+        forward_passes += sum(int(rows["samples"].sum()) for level, rows in by_sigma.items() if level != sigma0)
+
+    if samplewise:
+        from ssmooth.selection import select_sigma
+
+        m = cfg.selection_samples
+        clip = (1 / (2 * m), max(1 - 1 / (2 * m), cfg.alpha ** (1 / cfg.n))) \
+            if cfg.selection_cap == "certifiable" else None
+
         raw = _requested_rows(raw_path, requested)
         # the level selection's draws are forward passes too: m per grid level per point
         passes = int(raw["samples"].sum()) + len(raw) * len(grid) * m
-        variants["samplewise_raw"] = {**report.summarize_rows(raw, radii), "sound": False, "forward_passes": passes,
-                                      "note": "unallocated radii: an upper bound, not a certificate"}
+        variants["samplewise_raw"] = kinds.SAMPLEWISE_RAW.entry(
+            raw, radii, forward_passes=passes, note="unallocated radii: an upper bound, not a certificate")
         forward_passes += passes
         # Allocation sees every evaluated point, in dataset-index order; it never sees labels.
         position = {int(points[i][2]): i for i in range(len(points))}
@@ -302,14 +355,20 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
                      "num_dropped_duplicates": allocation.num_dropped,
                      # NaN when no point was certified: null keeps summary.json strict JSON
                      "mean_r_over_R": None if np.isnan(allocation.mean_ratio) else allocation.mean_ratio}
-            variants[f"samplewise_{rule}"] = {**report.summarize_rows(rows, radii), "sound": True,
-                                              "allocation": rule, **stats}
-            if rule == cfg.allocation:
+            variants[f"samplewise_{rule}"] = kinds.transductive(rule).entry(rows, radii, allocation=rule, **stats)
+            if rule == cfg.allocation and cfg.policy == "samplewise":
                 write_rows(rows[list(SAMPLEWISE_ROW_COLUMNS)], out / "certify.tsv")
         main = f"samplewise_{cfg.allocation}"
         levels, counts = np.unique(sigma_all, return_counts=True)
         extra["selected_sigma_histogram"] = {f"{s:g}": int(c) for s, c in zip(levels, counts)}
         extra["grid"] = grid
+
+    if selector is not None:
+        rows = _requested_rows(inductive_path, requested)
+        variants["inductive"] = kinds.INDUCTIVE.entry(rows, radii, sigma_e=float(sigma_e),
+                                                      **kinds.inductive_details(rows, selector_grid))
+        if cfg.policy == "inductive":
+            main = "inductive"
 
     summary = {
         "name": (meta or {}).get("name", out.name),
@@ -318,7 +377,7 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
         "objective": (meta or {}).get("objective", ""),
         "sigma_policy": cfg.policy,
         "sigma": sigma0,
-        "allocation": cfg.allocation if cfg.policy == "samplewise" else None,
+        "allocation": cfg.allocation if samplewise else None,
         "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "sampling": cfg.sampling, "max_radius_loss": cfg.max_radius_loss if cfg.sampling == "adaptive" else None,
         "forward_passes": forward_passes,  # every noisy forward pass of this run: selection, pilot, estimation
@@ -328,6 +387,7 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
         "main": main,
         "variants": variants,
         "wall_time_s": round(time.perf_counter() - began, 2),
+        "train_wall_time_s": (meta or {}).get("train_wall_time_s"),  # the model's training, when known
         "certify_config": asdict(cfg),
         "fingerprint": fp,
         **extra,
@@ -348,7 +408,7 @@ def _requested_rows(path: Path, requested: list[int]):
     return rows
 
 
-def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None) -> None:
+def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None, runner=None) -> None:
     requested = set(_indices(points))
     with RowWriter(path, columns) as writer:
         remaining = len(requested - writer.done)
@@ -362,8 +422,11 @@ def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None) -
             settings["desc"] += f" ({label})"
             progress = progress_bar(total=len(points), initial=len(points) - remaining, unit="pt", **settings)
         try:
-            certify_points(model, points, writer, sigma=sigma, progress=progress.update if progress else None,
-                           **common)
+            update = progress.update if progress else None
+            if runner is None:
+                certify_points(model, points, writer, sigma=sigma, progress=update, **common)
+            else:
+                runner(model, points, writer, progress=update, **common)
         except KeyboardInterrupt:
             kept = len(requested & writer.done)
             raise CertificationInterrupted(f"interrupted: {kept}/{len(requested)} rows kept in {path}; re-run the "

@@ -105,15 +105,24 @@ def sigma_scores(
 def _class_probabilities(model, x, levels, num_samples, generator, batch_size, soft, streams=None):
     """[S, B, num_classes]: vote fractions (or mean softmax) of f(x + s * eps) for every level s."""
     num_points = x.shape[0]
-    total = len(levels) * num_points * num_samples  # flat index: (level, point, draw)
-    sig = torch.tensor(levels, dtype=x.dtype, device=x.device)
+    point = torch.arange(num_points, device=x.device).repeat(len(levels))  # row: level * B + point
+    sigma = torch.tensor(levels, dtype=x.dtype, device=x.device).repeat_interleave(num_points)
+    probs = _probabilities_at(model, x, point, sigma, num_samples, generator, batch_size, soft, streams)
+    return probs.view(len(levels), num_points, -1)
+
+
+def _probabilities_at(model, x, point, sigma, num_samples, generator, batch_size, soft, streams=None):
+    """[R, num_classes]: for each row r, vote fractions (or mean softmax) of f(x[point[r]] + sigma[r] * eps) over
+    ``num_samples`` draws. Draws are taken in (row, draw) order, and copies of different rows share batches.
+    With ``streams`` (one per point) row r's draws are the next ones of ``streams[point[r]]``; a point's rows
+    come in row order, the order its stream serves them."""
+    total = len(point) * num_samples
     noise_device = generator.device if generator is not None else x.device
     if streams is not None:
         from ssmooth.certify.streams import fill_from_streams
 
-        # row = level * B + point; a point's rows come level by level, the order its stream serves them
-        rows_point = [r % num_points for r in range(len(levels) * num_points)]
-        row_offsets = [r * num_samples for r in range(len(levels) * num_points + 1)]
+        rows_point = point.tolist()
+        row_offsets = [r * num_samples for r in range(len(point) + 1)]
         eps_buffer = torch.empty((min(batch_size, total), *x.shape[1:]), device=x.device, dtype=x.dtype)
     sums = None
     was_training = model.training
@@ -121,26 +130,90 @@ def _class_probabilities(model, x, levels, num_samples, generator, batch_size, s
     try:
         with torch.inference_mode():
             for start in range(0, total, batch_size):
-                flat = torch.arange(start, min(start + batch_size, total), device=x.device)
-                row = flat // num_samples  # level * B + point
-                point = row % num_points
+                stop = min(start + batch_size, total)
+                row = torch.arange(start, stop, device=x.device) // num_samples
                 if streams is not None:
-                    eps = fill_from_streams(eps_buffer, streams, rows_point, row_offsets, start, start + len(flat))
+                    eps = fill_from_streams(eps_buffer, streams, rows_point, row_offsets, start, stop)
                 else:
-                    eps = torch.randn((len(flat), *x.shape[1:]), generator=generator, device=noise_device,
+                    eps = torch.randn((len(row), *x.shape[1:]), generator=generator, device=noise_device,
                                       dtype=x.dtype)
-                scale = sig[row // num_points].view(-1, *([1] * (x.ndim - 1)))
-                logits = model(x[point] + scale * eps.to(x.device))
+                scale = sigma[row].view(-1, *([1] * (x.ndim - 1)))
+                logits = model(x[point[row]] + scale * eps.to(x.device))
                 if soft:
                     votes = logits.float().softmax(dim=1)
                 else:
                     votes = torch.nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).float()
                 if sums is None:
-                    sums = torch.zeros(len(levels) * num_points, logits.shape[1], device=x.device)
+                    sums = torch.zeros(len(point), logits.shape[1], device=x.device)
                 sums.index_add_(0, row, votes)
     finally:
         model.train(was_training)
-    return (sums / num_samples).view(len(levels), num_points, -1)
+    return sums / num_samples
+
+
+def select_neighbour_levels(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    current: torch.Tensor,
+    grid: Sequence[float],
+    num_samples: int = 4,
+    generator: torch.Generator | None = None,
+    batch_size: int = 1024,
+    soft: bool = True,
+    clip: tuple[float, float] | None = None,
+    current_estimate: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One step of a local search over the grid (training only): the best of the current level and its two
+    neighbours, as grid indices (long [B], on x's device).
+
+    ``current``: the grid index of each sample's level now (long [B]); ``grid`` sorted ascending.
+    ``current_estimate``: ``(p_label, right)`` at the current level, float [B] each, estimated elsewhere (e.g.
+    from the training steps' own forward passes); NaN where there is none: only those samples probe their current
+    level with fresh draws. Scores are those of ``sigma_scores``: ``s * Phi^-1(clip(p_label))`` when the label is
+    the top class at s, -inf otherwise; ties go to the smaller level, and a sample wrong at all three moves down.
+    Costs at most 3 * num_samples forward passes per sample (2 * num_samples with a current estimate), against
+    len(grid) * num_samples for a full ``select_sigma``.
+    """
+    levels = _check_grid(grid)
+    if levels != sorted(levels):
+        raise ValueError(f"grid must be sorted ascending, got {levels}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    lo, hi = clip if clip is not None else (1 / (2 * num_samples), 1 - 1 / (2 * num_samples))
+    num_points = x.shape[0]
+    if num_points == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    device = _model_device(model, x)
+    x, labels = x.to(device), labels.to(device=device, dtype=torch.long)
+    current = current.to(device=device, dtype=torch.long)
+    top = len(levels) - 1
+    candidates = torch.stack([(current - 1).clamp(0, top), current, (current + 1).clamp(0, top)], dim=1)  # [B, 3]
+    p = torch.full((num_points, 3), math.nan, dtype=torch.float64, device=device)
+    right = torch.zeros((num_points, 3), dtype=torch.bool, device=device)
+    probe = torch.ones((num_points, 3), dtype=torch.bool, device=device)
+    probe[:, 0] &= current > 0  # at the ends of the grid there is only one neighbour
+    probe[:, 2] &= current < top
+    if current_estimate is not None:
+        known_p, known_right = (t.to(device) for t in current_estimate)
+        known = ~torch.isnan(known_p)
+        p[known, 1] = known_p[known].double()
+        right[known, 1] = known_right[known].bool()
+        probe[known, 1] = False
+    point, column = probe.nonzero(as_tuple=True)
+    if len(point):
+        sig = torch.tensor(levels, dtype=x.dtype, device=device)[candidates[point, column]]
+        probs = _probabilities_at(model, x, point, sig, num_samples, generator, batch_size, soft)
+        y = labels[point]
+        p[point, column] = probs.gather(1, y[:, None]).squeeze(1).double()
+        right[point, column] = probs.argmax(dim=1) == y
+    # Unprobed ends score -inf; so do wrong levels. The current level counts where it was probed or estimated.
+    valid = probe.clone()
+    valid[:, 1] |= ~torch.isnan(p[:, 1])
+    sig = torch.tensor(levels, dtype=torch.float64, device=device)[candidates]
+    scores = torch.where(valid & right, sig * torch.special.ndtri(p.nan_to_num(0.5).clamp(lo, hi)), -math.inf)
+    # Columns are in ascending level order, so argmax's first maximum is the smaller level; all -inf: move down.
+    return candidates.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1).to(x.device)
 
 
 def _check_grid(grid) -> list[float]:

@@ -120,7 +120,7 @@ def test_ddp_cpu_training_gathers_the_sigma_table(tmp_path):
     cfg = compose_cfg("train", [f"output_dir={finetune}", *TINY, "trainer=ddp_cpu", "stage=finetune",
                                 f"pretrained={pretrain / 'checkpoints' / 'last.ckpt'}", "noise=samplewise",
                                 "noise.grid_factors=[0.5,2.0]", "noise.num_draws=4", "dataset.train_subset=16",
-                                "certify.enabled=false"])
+                                "noise.fraction=1", "certify.enabled=false"])  # every sample in the one update
     train_cli.run(cfg)
     state = torch.load(finetune / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     table = state["noise.table"][:1437]
@@ -239,9 +239,21 @@ def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
     summary = train_cli.run(cfg)
     assert summary["sigma_policy"] == "samplewise"
     assert {p.parent.name for p in tmp_path.rglob("summary.json")} == {
-        "pretrain", "finetune_samplewise", "finetune_constant"}
+        "pretrain", "finetune_samplewise", "selector", "finetune_constant"}
+    inductive = json.loads((tmp_path / "selector" / "summary.json").read_text())
+    assert inductive["main"] == "inductive" and inductive["variants"]["inductive"]["setting"] == "any input"
+    assert inductive["points"]["indices"] == summary["points"]["indices"]
     report = (tmp_path / "report.md").read_text()
-    assert "samplewise_fill" in report and "unsound" in report
+    assert "samplewise_fill" in report and "unsound" in report and "inductive" in report
+    # The saved selector checkpoint certifies every kind on the same points: constant, the best single level,
+    # transductive and inductive.
+    every = certify_cli.run(compose_cfg("certify", [
+        f"ckpt={tmp_path / 'selector' / 'checkpoints' / 'last.ckpt'}", f"output_dir={tmp_path / 'cert'}",
+        "certify.n=100", "certify.n0=8", "certify.max=2", "certify.batch_size=64", "certify.progress=false"]))
+    assert every["sigma_policy"] == "inductive" and every["main"] == "inductive"
+    assert set(every["variants"]) >= {"constant", "constant_best", "samplewise_fill", "inductive"}
+    for key in ("acr", "level_histogram", "mean_radius_selector", "mean_radius_classifier"):  # same seeds
+        assert every["variants"]["inductive"][key] == inductive["variants"]["inductive"][key]
 
 
 @pytest.mark.parametrize("trainer", sorted(p.stem for p in (REPO / "conf" / "trainer").glob("*.yaml")))

@@ -39,8 +39,11 @@ def test_samplewise_run_writes_every_variant_and_a_sound_allocation(tmp_path):
     data = points()
     summary = certify_model(Threshold(), data, tmp_path, config(policy="samplewise"), num_classes=2,
                             base_sigma=0.25, grid=[0.125, 0.25, 0.5], dataset="toy")
-    assert set(summary["variants"]) == {"constant", "samplewise_raw", "samplewise_fill", "samplewise_halving",
-                                        "samplewise_lp"}
+    assert set(summary["variants"]) == {"constant", "constant_best", "samplewise_raw", "samplewise_fill",
+                                        "samplewise_halving", "samplewise_lp"}
+    best = summary["variants"]["constant_best"]
+    assert best["acr"] == max(best["acr_by_sigma"].values()) and set(best["acr_by_sigma"]) == {"0.125", "0.25", "0.5"}
+    assert best["acr"] >= summary["variants"]["constant"]["acr"] and best["setting"] == "any input"
     assert summary["main"] == "samplewise_fill" and summary["variants"]["samplewise_raw"]["sound"] is False
     fill = summary["variants"]["samplewise_fill"]
     assert fill["num_points_T"] == 12 and "num_conflicting_pairs" in fill

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssmooth.selection import select_sigma, sigma_scores
+from ssmooth.selection import select_neighbour_levels, select_sigma, sigma_scores
 
 DIM = 4096  # the noise-magnitude estimate ||z|| / sqrt(DIM) is within about 1% of sigma
 
@@ -174,3 +174,38 @@ def test_model_on_gpu_with_a_cpu_generator():
     again = select_sigma(model, zeros(2).cuda(), [0.25, 1.0], num_samples=4,
                          generator=torch.Generator("cuda").manual_seed(0))
     assert again.device.type == "cuda" and again.tolist() == [1.0, 1.0]
+
+
+def test_neighbour_step_moves_one_level_towards_the_best_score():
+    # Soft scores s * (2 - s): best at s = 1 (grid index 2). Each step moves at most one level towards it.
+    grid = [0.25, 0.5, 1.0, 1.5, 1.75]
+    x, labels = zeros(5), torch.zeros(5, dtype=torch.long)
+    current = torch.tensor([0, 1, 2, 3, 4])
+    step = select_neighbour_levels(NoiseMeter(), x, labels, current, grid, num_samples=4, soft=True)
+    assert step.tolist() == [1, 2, 2, 2, 3]
+    # Confidently wrong at every level: one level down, and the bottom stays.
+    wrong = select_neighbour_levels(AlwaysOne(), zeros(3, (5,)), torch.zeros(3, dtype=torch.long),
+                                    torch.tensor([0, 2, 4]), grid, num_samples=2)
+    assert wrong.tolist() == [0, 1, 3]
+
+
+def test_neighbour_step_uses_a_given_estimate_of_the_current_level_instead_of_probing_it():
+    grid = [0.25, 0.5, 1.0, 1.5, 1.75]
+    model = NoiseMeter()
+    x, labels = zeros(3), torch.zeros(3, dtype=torch.long)
+    current = torch.tensor([2, 2, 0])
+    # Made-up votes at the current level of the first and third samples; the second has no estimate (NaN)
+    # and is probed; the third sits at the bottom of the grid: one neighbour only.
+    estimate = (torch.tensor([0.9999, math.nan, 0.99]), torch.tensor([True, False, True]))
+    m = 4
+    step = select_neighbour_levels(model, x, labels, current, grid, num_samples=m, soft=True,
+                                   current_estimate=estimate, batch_size=1000)
+    assert sum(model.batches) == m * (2 + 3 + 1)
+    # p is clipped to 1 - 1/(2m) = 0.875 (Phi^-1 = 1.15): the first stays (1.15 beats 0.5 * 1.15 and
+    # 1.5 * Phi^-1(0.69) = 0.74); the third moves up (0.25 * 1.15 < 0.5 * 1.15).
+    assert step.tolist() == [2, 2, 1]
+    # Wrong at the current level by the estimate: the neighbours decide.
+    step = select_neighbour_levels(NoiseMeter(), zeros(1), torch.zeros(1, dtype=torch.long), torch.tensor([3]),
+                                   grid, num_samples=m, soft=True,
+                                   current_estimate=(torch.tensor([0.99]), torch.tensor([False])))
+    assert step.tolist() == [2]

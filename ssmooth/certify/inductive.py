@@ -8,18 +8,28 @@ classifier at that level, ``G(x) = g_{S[g_e(x)]}(x)``.
 - CERTIFY on the classifier at ``S[k]`` at alpha / 2 gives ``(c, R_c)``;
 - inside the ball of radius ``min(R_s, R_c)`` the level is ``S[k]`` and ``g_{S[k]}`` says c, so G says c there.
 Both hold together with probability at least 1 - alpha (union bound: no independence between them is needed).
-The selector's noise and the classifier's noise come from different generators, so neither bound reuses the
-other's draws.
+The selector's noise and the classifier's noise come from different streams (per point: the selector's under a
+seed of its own; or two generators), so neither bound reuses the other's draws.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ssmooth.certify.adaptive import certify_adaptive
 from ssmooth.certify.core import ABSTAIN, certify, predict
+from ssmooth.certify.run import dataset_indices
+from ssmooth.certify.streams import point_seed
+
+
+def selector_seed(seed: int) -> int:
+    """The run seed of the selector's per-point streams: derived from the run seed, so that the selector's draws
+    are never the classifier's (whose streams use the run seed itself)."""
+    return point_seed(seed, -1, "selector")
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,10 @@ def certify_inductive(
     selector_n: int | None = None,
     generator: torch.Generator | None = None,
     selector_generator: torch.Generator | None = None,
+    seed: int | None = None,
+    indices: Sequence[int] | None = None,
+    sampling: str = "fixed",
+    max_radius_loss: float = 0.02,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> InductiveCertificate:
@@ -79,6 +93,9 @@ def certify_inductive(
     samples at that level) keeps the class. ``selector`` maps [k, *shape] to logits over the ``len(grid)`` levels.
     ``generator`` draws the classifier's noise and ``selector_generator`` the selector's; pass two different
     generators (the same object, or None for both, would still be sound but couples the two parts' draws).
+    With ``indices`` (dataset indices) and ``seed``, every draw comes from per-point streams instead (the
+    selector's under ``selector_seed(seed)``), so a point's result does not depend on the other points of the
+    call. ``sampling="adaptive"`` sizes each CERTIFY per point (``certify_adaptive``, within ``max_radius_loss``).
     The classifier is run only on the points whose level was certified.
     """
     if not 0 < alpha < 1:
@@ -86,22 +103,36 @@ def certify_inductive(
     if not sigma_e > 0:
         raise ValueError(f"sigma_e must be > 0, got {sigma_e}")
     levels = _check_grid(grid)
+    if sampling not in ("fixed", "adaptive"):
+        raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
     options = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last)
-    chosen = certify(selector, x, float(sigma_e), n0=selector_n0 or n0, n=selector_n or n, alpha=alpha / 2,
-                     num_classes=len(levels), generator=selector_generator, **options)
+    run = certify if sampling == "fixed" else functools.partial(certify_adaptive, max_radius_loss=max_radius_loss)
+    if indices is not None:
+        indices = [int(i) for i in indices]
+        seed = 0 if seed is None else int(seed)
+        selector_noise = dict(seed=selector_seed(seed), indices=indices)
+    else:
+        selector_noise = dict(generator=selector_generator)
+    chosen = run(selector, x, float(sigma_e), n0=selector_n0 or n0, n=selector_n or n, alpha=alpha / 2,
+                 num_classes=len(levels), **selector_noise, **options)
     num_points = x.shape[0]
     prediction = torch.full((num_points,), ABSTAIN, dtype=torch.long)
-    radius_classifier = torch.zeros(num_points)
+    radius_classifier = torch.zeros(num_points, dtype=torch.float64)
     sigma = torch.zeros(num_points)
     ok = chosen.prediction != ABSTAIN
     if bool(ok.any()):
         sigma[ok] = levels[chosen.prediction[ok]]
-        cert = certify(classifier, x[ok.to(x.device)], sigma[ok], n0=n0, n=n, alpha=alpha / 2,
-                       num_classes=num_classes, generator=generator, **options)
+        if indices is not None:
+            noise = dict(seed=seed, indices=[i for i, keep in zip(indices, ok.tolist()) if keep])
+        else:
+            noise = dict(generator=generator)
+        cert = run(classifier, x[ok.to(x.device)], sigma[ok], n0=n0, n=n, alpha=alpha / 2,
+                   num_classes=num_classes, **noise, **options)
         prediction[ok] = cert.prediction
         radius_classifier[ok] = cert.radius
-    radius = torch.where(prediction != ABSTAIN, torch.minimum(chosen.radius, radius_classifier), 0.0)
-    return InductiveCertificate(level=chosen.prediction, sigma=sigma, radius_selector=chosen.radius,
+    radius_selector = chosen.radius.to(torch.float64)
+    radius = torch.where(prediction != ABSTAIN, torch.minimum(radius_selector, radius_classifier), 0.0)
+    return InductiveCertificate(level=chosen.prediction, sigma=sigma, radius_selector=radius_selector,
                                 prediction=prediction, radius_classifier=radius_classifier, radius=radius)
 
 
@@ -140,3 +171,59 @@ def predict_inductive(
         labels[ok] = predict(classifier, x[ok.to(x.device)], levels[level[ok]], n=n, alpha=alpha / 2,
                              num_classes=num_classes, generator=generator, **options)
     return labels, level
+
+
+# Rows of the inductive certificate: the usual columns, then the chosen grid index and both radii.
+INDUCTIVE_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "time",
+                     "level", "radius_selector", "radius_classifier")
+
+
+def certify_points_inductive(
+    classifier: nn.Module,
+    points: Sequence,
+    writer,
+    *,
+    selector: nn.Module,
+    grid: Sequence[float],
+    sigma_e: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    num_classes: int,
+    points_per_group: int = 32,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    sampling: str = "fixed",
+    max_radius_loss: float = 0.02,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress=None,
+) -> None:
+    """``certify_inductive`` on every item ``(x, y, index)`` of ``points`` that ``writer`` (a RowWriter with
+    INDUCTIVE_COLUMNS) has not written yet, one flushed row per point; groups share forward batches as in
+    ``ssmooth.certify.run.certify_points``. Every point draws from its own streams (keyed by ``seed`` and its
+    dataset index), so its row is the same whichever group, rank or shard certifies it, resumed or not."""
+    import time
+
+    todo = [i for i, idx in enumerate(dataset_indices(points)) if idx not in writer.done]
+    for start in range(0, len(todo), points_per_group):
+        group = [points[i] for i in todo[start : start + points_per_group]]
+        x = torch.stack([item[0] for item in group]).to(device)
+        indices = [int(item[2]) for item in group]
+        began = time.perf_counter()
+        cert = certify_inductive(
+            classifier, selector, x, grid, sigma_e, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+            num_classes=num_classes, autocast_dtype=autocast_dtype, channels_last=channels_last, seed=seed,
+            indices=indices, sampling=sampling, max_radius_loss=max_radius_loss)
+        elapsed = (time.perf_counter() - began) / len(group)
+        rows = []
+        for k, (item, idx) in enumerate(zip(group, indices)):
+            pred, label = int(cert.prediction[k]), int(item[1])
+            rows.append({"idx": idx, "label": label, "predict": pred, "radius": float(cert.radius[k]),
+                         "correct": int(pred == label), "sigma": float(cert.sigma[k]), "time": round(elapsed, 4),
+                         "level": int(cert.level[k]), "radius_selector": float(cert.radius_selector[k]),
+                         "radius_classifier": float(cert.radius_classifier[k])})
+        writer.write(rows)
+        if progress is not None:
+            progress(len(group))

@@ -3,6 +3,8 @@
   ssmooth-certify ckpt=outputs/runs/RUN/checkpoints/last.ckpt
   ssmooth-certify ckpt=PATH certify.skip=20 certify.n=100000 certify.alpha=0.001        # Cohen's protocol
   ssmooth-certify ckpt=PATH certify.policy=samplewise certify.allocation=lp             # per-point levels
+  ssmooth-certify ckpt=RUN/selector/checkpoints/last.ckpt certify.policy=inductive     # level selector
+  ssmooth-certify ckpt=PATH certify.sampling=adaptive certify.max_radius_loss=0.04     # fewer samples per point
   ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=DIR                      # data from .npz
 
 Many devices and cluster jobs (docs/DISTRIBUTED.md): every point draws its noise from its own streams, so
@@ -119,6 +121,14 @@ def run(cfg: DictConfig) -> dict | None:
     noise = meta["noise"]
     # A checkpoint trained with per-sample levels carries their grid (certify.policy=constant leaves it unused).
     grid = certification_grid(cert_cfg, noise["sigma"], noise.get("grid"), f"checkpoint {cfg.ckpt}")
+    selector = None
+    if "selector" in meta and cert_cfg.policy in (None, "inductive"):
+        from ssmooth.lit.selector import load_selector
+
+        selector = load_selector(meta, state, datamodule.info)
+    if cert_cfg.policy == "inductive" and selector is None:
+        raise ConfigError(f"certify.policy=inductive: checkpoint {cfg.ckpt} has no level selector; train one with "
+                          "the pipeline's selector stage (stage=pipeline selector.enabled=true)")
     points = test_points(datamodule, cert_cfg)
     output_dir = Path(cfg.output_dir)
     rank, world_size, barrier, device, fabric = 0, 1, None, resolve_device(cfg.device), None
@@ -133,7 +143,7 @@ def run(cfg: DictConfig) -> dict | None:
                               "hydra.run.dir=... on a filesystem they share")
     kw = dict(num_classes=datamodule.info.num_classes, base_sigma=noise["sigma"], grid=grid,
               dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device,
-              checkpoint_sha256=file_sha256(cfg.ckpt))
+              checkpoint_sha256=file_sha256(cfg.ckpt), selector=selector)
     with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
         try:
             if cert_cfg.merge:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -33,6 +34,7 @@ from ssmooth.cli.common import (
     plain,
     report_certification,
     rerun_hint,
+    resolve_device,
     test_points,
 )
 
@@ -68,7 +70,7 @@ def build_noise(noise_cfg: dict, num_train: int):
         if unknown:
             raise ConfigError(f"noise: unknown key(s) {sorted(unknown)} for kind=constant")
         return ConstantSigma(sigma)
-    allowed = {"kind", "sigma", "grid_factors", "update_every", "num_draws", "soft"}
+    allowed = {"kind", "sigma", "grid_factors", "update_every", "num_draws", "soft", "selection", "fraction"}
     unknown = set(noise_cfg) - allowed
     if unknown:
         raise ConfigError(f"noise: unknown key(s) {sorted(unknown)}; allowed {sorted(allowed)}")
@@ -76,6 +78,10 @@ def build_noise(noise_cfg: dict, num_train: int):
         raise ConfigError(f"noise.update_every={noise_cfg['update_every']} must be >= 1")
     if noise_cfg["num_draws"] < 1:
         raise ConfigError(f"noise.num_draws={noise_cfg['num_draws']} must be >= 1")
+    if noise_cfg.get("selection", "local") not in ("local", "full"):
+        raise ConfigError(f"noise.selection={noise_cfg['selection']!r} must be 'local' or 'full'")
+    if not 0 < noise_cfg.get("fraction", 1.0) <= 1:
+        raise ConfigError(f"noise.fraction={noise_cfg['fraction']!r} must be in (0, 1]")
     try:
         grid = sigma_grid(sigma, noise_cfg["grid_factors"])
     except ValueError as err:
@@ -363,6 +369,9 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
                 "optim.optimizer.lr": pipeline.finetune_lr, "optim.scheduler": None, "ckpt_path": cfg.ckpt_path}
     summaries["finetune_samplewise"] = train_and_certify(
         stage("finetune_samplewise", **finetune, **{"certify.policy": "samplewise"}))
+    if cfg.selector.enabled:
+        summaries["selector"] = train_selector(stage("selector", **{"trainer.max_epochs": cfg.selector.epochs}),
+                                               out / "finetune_samplewise" / "checkpoints" / "last.ckpt")
     if pipeline.constant_arm:
         summaries["finetune_constant"] = train_and_certify(
             stage("finetune_constant", **finetune, noise=constant_noise, **{"certify.policy": "constant"}))
@@ -374,6 +383,101 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
                            title=f"{cfg.name}: certified accuracy (%) at l2 radius r")
         log.info(f"report: {paths['markdown']}  plot: {paths['plot']}")
     return summaries.get("finetune_samplewise")
+
+
+def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
+    """The level selector of the inductive certificate, trained on the level table of a sample-wise checkpoint
+    (``selector.*``). Writes ``checkpoints/last.ckpt`` in the stage folder (the classifier, its table and the
+    selector in one file, ready for ``ssmooth-certify``), then certifies the inductive certificate on the same
+    points as the sample-wise stage (its constant and transductive certificates are that stage's). Returns the
+    summary. A finished stage is skipped, and an interrupted one resumes with the selector it already saved."""
+    import dataclasses
+    import functools
+
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from ssmooth.certify.runfolder import RunFolderError, file_sha256
+    from ssmooth.evaluate import certify_model
+    from ssmooth.lit.module import load_checkpoint, model_state
+    from ssmooth.lit.selector import (
+        SelectorModule,
+        default_selector_model,
+        level_targets,
+        load_selector,
+        save_with_selector,
+    )
+
+    output_dir = Path(cfg.output_dir)
+    if (output_dir / "summary.json").is_file():
+        log.info(f"{output_dir}: already finished (summary.json exists), skipping")
+        return json.loads((output_dir / "summary.json").read_text())
+    options = plain(cfg.selector)
+    unknown = set(options) - {"enabled", "model", "sigma_e", "epochs", "lr"}
+    if unknown:
+        raise ConfigError(f"selector: unknown key(s) {sorted(unknown)}")
+    cert_cfg = certify_config(cfg.certify)
+    datamodule = build_datamodule(plain(cfg.dataset), cfg.seed)
+    datamodule.setup("fit")
+    out = output_dir / "checkpoints" / "last.ckpt"
+    if not out.is_file():
+        meta, state = load_checkpoint(classifier_ckpt)
+        grid = meta["noise"].get("grid") or []
+        if len(grid) < 2:
+            raise ConfigError(f"selector: {classifier_ckpt} was not finetuned with per-sample levels (grid {grid})")
+        sigma_e = float(options.get("sigma_e") or max(grid))  # at least the largest level, as in Dual RS
+        if not sigma_e > 0:
+            raise ConfigError(f"selector.sigma_e={sigma_e} must be > 0")
+        train_indices = datamodule.train_set.indices
+        targets = torch.zeros(len(state["noise.table"]), dtype=torch.long)
+        try:
+            targets[train_indices] = level_targets(state["noise.table"][train_indices], grid)
+        except ValueError as err:
+            raise ConfigError(f"selector: {err}") from None
+        model_cfg = options.get("model") or default_selector_model(meta["model"])
+        L.seed_everything(cfg.seed, workers=True)
+        selector = build_model(model_cfg, dataclasses.replace(datamodule.info, num_classes=len(grid)))
+        try:
+            optimizer = functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
+        except Exception as err:
+            raise ConfigError(f"optim: {_root_cause(err)}") from None
+        module = SelectorModule(selector, targets, sigma_e, len(grid), optimizer, meta=meta)
+        loggers = build_loggers(plain(cfg.logger), output_dir)
+        trainer = build_trainer(cfg, output_dir, loggers, callbacks=[])
+        began = time.perf_counter()
+        try:
+            # Training data only: the test split has class labels, not levels.
+            trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+        finally:
+            _finish_wandb(loggers)
+        if not trainer.is_global_zero:
+            return None
+        selector_meta = {"model": model_cfg, "grid": [float(s) for s in grid], "sigma_e": sigma_e,
+                         "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt),
+                         "train_wall_time_s": round(time.perf_counter() - began, 2)}
+        save_with_selector(classifier_ckpt, selector, selector_meta, out)
+    if not cert_cfg.enabled:
+        return None
+    # Everything certified comes from the one saved file, so a resumed stage never mixes two selectors' rows.
+    meta, state = load_checkpoint(out)
+    classifier = build_model(meta["model"], datamodule.info)
+    classifier.load_state_dict(model_state(state))
+    selector = load_selector(meta, state, datamodule.info)
+    points = test_points(datamodule, cert_cfg)
+    cert_cfg = dataclasses.replace(cert_cfg, policy="inductive", best_constant=False)
+    with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
+        try:
+            summary = certify_model(classifier, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
+                                    base_sigma=meta["noise"]["sigma"], dataset=datamodule.info.name,
+                                    meta={**meta, "name": cfg.name,
+                                          "train_wall_time_s": meta["selector"].get("train_wall_time_s")},
+                                    device=resolve_device("auto"), selector=selector,
+                                    checkpoint_sha256=file_sha256(out))
+        except RunFolderError as err:
+            raise ConfigError(str(err)) from None
+    report_certification(summary, output_dir)
+    return summary
 
 
 def train_and_certify(cfg: DictConfig) -> dict | None:
@@ -450,7 +554,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         module = SigmaFinetuneModule(model=model, objective=objective, noise=noise, optimizer=optimizer,
                                      scheduler=scheduler, num_classes=info.num_classes, meta=meta,
                                      update_every=cfg.noise.update_every, num_draws=cfg.noise.num_draws,
-                                     soft=cfg.noise.soft)
+                                     soft=cfg.noise.soft, selection=cfg.noise.get("selection", "local"),
+                                     fraction=cfg.noise.get("fraction", 1.0))
     else:
         module = SmoothingModule(model=model, objective=objective, noise=noise, optimizer=optimizer,
                                  scheduler=scheduler, num_classes=info.num_classes, meta=meta)
@@ -480,6 +585,7 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     for logger in loggers:
         logger.log_hyperparams(plain(cfg))
     try:
+        began = time.perf_counter()
         with on_interrupt(lambda: _training_note(output_dir, trainer)):
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -487,6 +593,8 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
                 if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its own cleanup
                     raise KeyboardInterrupt from None
                 raise
+        # Selection included; after a resume, only the resumed part.
+        meta = {**meta, "train_wall_time_s": round(time.perf_counter() - began, 2)}
         if not cert_cfg.enabled:
             return None
         # Under DDP every rank certifies its share of the points; rank 0 merges, allocates and summarizes.

@@ -52,7 +52,8 @@ class SmoothingModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
         self.log("train/sigma_mean", sigma.mean(), on_step=False, on_epoch=True, batch_size=len(y))
-        return out.loss
+        # The logits reach on_train_batch_end: sample-wise finetuning reads its selection estimates off them.
+        return {"loss": out.loss, "logits": out.logits}
 
     @override
     def validation_step(self, batch, batch_idx):

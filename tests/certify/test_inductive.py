@@ -105,7 +105,8 @@ def test_over_certification_stays_within_half_alpha_per_part():
     limit = lambda rate: binom.ppf(1 - 1e-6, num_points, rate)  # noqa: E731  (false alarm 1e-6)
     assert selector_fails.sum() <= limit(alpha / 2)
     assert classifier_fails.sum() <= limit(alpha / 2)
-    deployed_fails = (pred != ABSTAIN) & ((pred != true_class) | (got.radius.numpy() > np.abs(classifier_margin) + 1e-6))
+    deployed_fails = (pred != ABSTAIN) & ((pred != true_class) |
+                                          (got.radius.numpy() > np.abs(classifier_margin) + 1e-6))
     assert (selector_fails | classifier_fails).sum() <= limit(alpha)
     assert deployed_fails.sum() <= limit(alpha)
     # The points are where the bound is tight: each part fails at close to alpha / 2, so a looser bound shows.
@@ -126,3 +127,35 @@ def test_bad_arguments_are_named():
         certify_inductive(HalfSpace(0), HalfSpace(1), x, GRID, sigma_e=0.0, num_classes=2)
     with pytest.raises(ValueError, match="grid"):
         certify_inductive(HalfSpace(0), HalfSpace(1), x, [], sigma_e=1.0, num_classes=2)
+
+
+def test_rows_resume_without_duplicates_and_with_the_same_numbers(tmp_path):
+    from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, certify_points_inductive
+    from ssmooth.certify.results import RowWriter, read_rows
+    from ssmooth.data import IndexedDataset
+
+    x = torch.tensor([[0.4, 0.3], [-0.5, -0.2], [0.05, 0.6], [0.7, 0.01], [-0.3, 0.4]]).view(5, 1, 1, 2)
+    data = IndexedDataset(x, torch.tensor([1, 0, 1, 1, 0]), torch.arange(10, 15))
+    run = dict(selector=Flat(HalfSpace(1)), grid=GRID, sigma_e=0.5, n0=20, n=500, alpha=0.01, batch_size=2000,
+               num_classes=2, points_per_group=2, seed=3)
+    with RowWriter(tmp_path / "all.tsv", INDUCTIVE_COLUMNS) as writer:
+        certify_points_inductive(Flat(HalfSpace(0)), data, writer, **run)
+    with RowWriter(tmp_path / "resumed.tsv", INDUCTIVE_COLUMNS) as writer:  # killed after the first group
+        certify_points_inductive(Flat(HalfSpace(0)), data.subset(slice(0, 2)), writer, **run)
+    with RowWriter(tmp_path / "resumed.tsv", INDUCTIVE_COLUMNS) as writer:
+        certify_points_inductive(Flat(HalfSpace(0)), data, writer, **run)
+    whole, resumed = read_rows(tmp_path / "all.tsv"), read_rows(tmp_path / "resumed.tsv")
+    assert resumed["idx"].tolist() == list(range(10, 15))
+    assert whole.equals(resumed.drop(columns="time").assign(time=whole["time"])[whole.columns])
+    assert (resumed["radius"] <= resumed[["radius_selector", "radius_classifier"]].min(axis=1) + 1e-6).all()
+
+
+class Flat(nn.Module):
+    """Images [k, 1, 1, 2] seen as points [k, 2]."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, z):
+        return self.inner(z.flatten(1))
