@@ -7,10 +7,13 @@ subset or shuffling.
 Sources:
   * ``sklearn`` (digits only): scikit-learn's bundled 8x8 digits, no download; a fixed stratified split.
   * ``torchvision`` (mnist, cifar10): files under ``root``; ``download=True`` lets torchvision fetch them.
-  * ``npz`` (mnist, cifar10): ``images`` uint8 (MNIST NHW, CIFAR NHWC), ``labels`` int64, optional ``index``;
-    the layout of ``../shared/data`` (see ``NPZ_FILES`` for the default names under ``npz_dir``).
+  * ``npz`` (mnist, cifar10): ``images`` uint8 (MNIST NHW, CIFAR NHWC) or float in [0,1], ``labels`` int64,
+    optional ``index``; ``NPZ_FILES`` gives the file names under ``npz_dir``.
   * ``imagefolder`` (imagenet): ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``, torchvision's
     ImageFolder layout (torchvision's ``ImageNet`` class, which unpacks the devkit tarballs, is not used).
+
+Every split held in memory is checked: a NaN or infinite pixel, or one outside [0,1], is refused with the file
+named.
 
 MNIST, CIFAR-10 and digits splits are held in memory as one float32 tensor (CIFAR-10 train: 50000 x 3072 floats,
 about 600 MB). ImageNet is decoded from its files on each access (``ImageFileDataset``).
@@ -72,7 +75,7 @@ DATASETS: dict[str, DatasetInfo] = {
 IMAGEFOLDER_SPLITS = {"train": "train", "test": "val"}
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224
 
-# Default file names under ``npz_dir``, as in ../shared/data (the CIFAR-10 files hold canonical items 0..k-1).
+# Default file names under ``npz_dir`` (the CIFAR-10 files hold canonical items 0..k-1).
 NPZ_FILES: dict[tuple[str, str], str] = {
     ("mnist", "train"): "mnist/mnist_train.npz",
     ("mnist", "test"): "mnist/mnist_test.npz",
@@ -174,7 +177,8 @@ def load_split(
     else:
         if npz_path is None:
             if npz_dir is None:
-                raise ValueError("dataset.source=npz needs dataset.npz_dir (a folder like ../shared/data) or a file")
+                raise ValueError(f"dataset.source=npz needs dataset.npz_dir=DIR, the folder holding "
+                                 f"{NPZ_FILES[name, 'train']} and {NPZ_FILES[name, 'test']}")
             npz_path = Path(npz_dir) / NPZ_FILES[name, split]
         images, labels, indices = _load_npz(info, Path(npz_path), root)
     transform = None
@@ -199,7 +203,7 @@ def _how_to_get(name: str, root: str | Path) -> str:
     return (
         f"Get the data one of two ways: set dataset.download=true to let torchvision download {name} into "
         f"dataset.root ({root}), or set dataset.source=npz dataset.npz_dir=DIR where DIR holds "
-        f"{NPZ_FILES[name, 'train']} and {NPZ_FILES[name, 'test']} (the layout of ../shared/data)."
+        f"{NPZ_FILES[name, 'train']} and {NPZ_FILES[name, 'test']}."
     )
 
 
@@ -237,9 +241,10 @@ def _load_npz(info: DatasetInfo, path: Path, root: str | Path) -> tuple[torch.Te
     images, labels = arrays["images"], arrays["labels"]
     channels, height, width = info.input_shape
     expected = (height, width) if channels == 1 else (height, width, channels)  # MNIST NHW, CIFAR NHWC
-    if images.dtype != np.uint8 or images.ndim != 1 + len(expected) or images.shape[1:] != expected:
+    unit_float = np.issubdtype(images.dtype, np.floating)
+    if not (images.dtype == np.uint8 or unit_float) or images.ndim != 1 + len(expected) or images.shape[1:] != expected:
         raise ValueError(
-            f"{path}: 'images' must be uint8 of shape (N, {', '.join(map(str, expected))}), "
+            f"{path}: 'images' must be uint8 (0-255) or float (0-1) of shape (N, {', '.join(map(str, expected))}), "
             f"got {images.dtype} {images.shape}"
         )
     n = len(images)
@@ -259,7 +264,24 @@ def _load_npz(info: DatasetInfo, path: Path, root: str | Path) -> tuple[torch.Te
     images_t = torch.from_numpy(images)
     images_t = images_t.unsqueeze(1) if channels == 1 else images_t.permute(0, 3, 1, 2)
     labels_t, indices_t = torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(indices.astype(np.int64))
+    if unit_float:
+        images_t = images_t.float().contiguous()
+        check_pixels(images_t, str(path))
+        return images_t, labels_t, indices_t
     return _to_unit_float(images_t), labels_t, indices_t
+
+
+def check_pixels(images: torch.Tensor, source: str) -> None:
+    """Refuse NaN, infinite or out-of-range pixels: noise is added in [0,1] pixel space, and a NaN input would give
+    a model output that votes for an arbitrary class instead of failing."""
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad_items = (~finite).flatten(1).any(1).nonzero().flatten()
+        raise ValueError(f"{source}: {int((~finite).sum())} pixel values are NaN or infinite "
+                         f"(in {len(bad_items)} images, the first at position {int(bad_items[0])})")
+    low, high = (float(images.min()), float(images.max())) if images.numel() else (0.0, 0.0)
+    if low < 0 or high > 1:
+        raise ValueError(f"{source}: pixel values must lie in [0, 1], got {low:g}..{high:g}")
 
 
 def _to_unit_float(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -376,6 +398,9 @@ class SmoothingDataModule(L.LightningDataModule):
         super().__init__()
         self.info = dataset_info(name)
         self.source = resolve_source(name, source)
+        if self.source == "npz" and not npz_dir:
+            raise ValueError(f"dataset.source=npz needs dataset.npz_dir=DIR, the folder holding "
+                             f"{NPZ_FILES[name, 'train']} and {NPZ_FILES[name, 'test']}")
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"dataset.{key} must be >= 1, got {value}")
@@ -428,8 +453,15 @@ class SmoothingDataModule(L.LightningDataModule):
             raise ValueError(f"certify.skip must be >= 1 and start >= 0, got skip={skip}, start={start}")
         if max is not None and max != -1 and max < 0:
             raise ValueError(f"certify.max must be >= 0, or -1 for all, got {max}")
+        if max is not None and max != -1 and max <= start:
+            raise ValueError(f"certify.max={max} is not above certify.start={start}: no test point is selected "
+                             "(max is a position bound, like Cohen's --max)")
         self.setup()
-        stop = len(self.test_set) if max is None or max == -1 else min(max, len(self.test_set))
+        size = len(self.test_set)
+        if start >= size:
+            raise ValueError(f"certify.start={start} is past the end of the {self.name} test split ({size} images, "
+                             f"positions 0-{size - 1})")
+        stop = size if max is None or max == -1 else min(max, size)
         return self.test_set.subset(torch.arange(start, stop, skip))
 
     def _loader(self, dataset: IndexedDataset, batch_size: int, **kwargs) -> DataLoader:

@@ -2,6 +2,11 @@
 levels, the unallocated radii and every allocation rule, each verified before anything is written.
 
 Shared by ``ssmooth-train`` (after fit), ``ssmooth-certify`` (a checkpoint) and the certification callback.
+
+The output folder is a contract (``ssmooth.certify.runfolder``): before any work, its fingerprint (checkpoint
+content, points, sampling, levels, version) is written, or compared with the one already there: the same one
+resumes, another one is refused unless ``certify.overwrite=true``. A lock keeps a second process out. The
+summary covers exactly the requested points.
 """
 from __future__ import annotations
 
@@ -20,10 +25,16 @@ from ssmooth.certify.allocation import allocate, verify_allocation
 from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points
+from ssmooth.certify.runfolder import fingerprint, open_run_folder, state_dict_sha256
 from ssmooth.certify.stats import require_useful_sample_size
 
 POLICIES = ("constant", "samplewise")
 ALLOCATION_RULES = ("fill", "halving", "lp")
+SAMPLING = ("fixed", "adaptive")
+# Every row also carries the forward passes its point cost (n0 + estimation draws), so that a report can show
+# cost beside accuracy and compare fixed with adaptive sampling.
+CONSTANT_COLUMNS = ROW_COLUMNS + ("samples",)
+SAMPLEWISE_ROW_COLUMNS = SAMPLEWISE_COLUMNS + ("samples",)
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,6 +51,10 @@ class CertifyConfig:
     n: int = 100_000
     alpha: float = 0.001
     batch_size: int = 1000
+    # fixed: n estimation draws per point; adaptive: n_i <= n chosen from the n0 selection draws, aiming at a
+    # radius at most max_radius_loss (l2 units) below the one at n (docs/ADAPTIVE_SAMPLING.md)
+    sampling: str = "fixed"
+    max_radius_loss: float = 0.02
     points_per_group: int | None = None  # None: enough points to fill one forward batch of the n samples
     policy: str | None = None  # None: as the model was trained (sample-wise runs certify sample-wise)
     sigma: float | None = None  # constant level; None: the base level the model was trained at
@@ -58,6 +73,7 @@ class CertifyConfig:
     compile: bool = False  # torch.compile the model: pays off on long runs; the first call compiles
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False  # a folder holding rows of other settings is started afresh instead of refused
     # Independent jobs (a SLURM array): job K of N certifies the points at positions K, K + N, ... of the subset
     # into its own folder; a last job with merge=true and shard_dirs=[...] merges, allocates and summarizes.
     num_shards: int = 1
@@ -72,6 +88,8 @@ class CertifyConfig:
             ("certify.n", self.n, self.n >= 1, "must be >= 1"),
             ("certify.alpha", self.alpha, 0 < self.alpha < 1, "must be in (0, 1)"),
             ("certify.batch_size", self.batch_size, self.batch_size >= 1, "must be >= 1"),
+            ("certify.sampling", self.sampling, self.sampling in SAMPLING, f"must be one of {SAMPLING}"),
+            ("certify.max_radius_loss", self.max_radius_loss, self.max_radius_loss >= 0, "must be >= 0 (l2 units)"),
             ("certify.points_per_group", self.points_per_group,
              self.points_per_group is None or self.points_per_group >= 1, "must be null (auto) or >= 1"),
             ("certify.skip", self.skip, self.skip >= 1, "must be >= 1"),
@@ -101,6 +119,51 @@ class CertifyConfig:
         require_useful_sample_size(self.n, self.alpha, "certify")
 
 
+class CertificationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during certification; the message says what was kept and how to resume (printed as one line)."""
+
+
+def certification_points(datamodule, cfg: CertifyConfig):
+    """The points ``certify.split/skip/max/start`` name: positions ``start, start + skip, ...`` below ``max`` of
+    the split (Cohen's semantics), items ``(x, y, dataset index)``. Training points come without augmentation:
+    the certificate is about the stored image."""
+    if cfg.split == "test":
+        return datamodule.test_points(cfg.skip, cfg.max, cfg.start)
+    from ssmooth.data import IndexedDataset
+
+    datamodule.setup()
+    train = datamodule.train_set
+    stop = len(train) if cfg.max == -1 else min(cfg.max, len(train))
+    chosen = train.subset(torch.arange(cfg.start, stop, cfg.skip))
+    if len(chosen) == 0:
+        raise ValueError(f"certify.start={cfg.start}, certify.max={cfg.max}: no point of the {len(train)} training "
+                         "points is selected")
+    return IndexedDataset(chosen.images, chosen.labels, chosen.indices)
+
+
+def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, dataset: str, sigma: float,
+                    grid: Sequence[float] | None) -> dict:
+    """The fingerprint of a certification with these settings on these points (see ssmooth.certify.runfolder).
+    ``cfg.policy`` must be resolved; ``grid`` and the selection settings count only for sample-wise runs."""
+    samplewise = cfg.policy == "samplewise"
+    selection = {"selection_samples": cfg.selection_samples, "soft_selection": cfg.soft_selection,
+                 "selection_cap": cfg.selection_cap} if samplewise else None
+    labels = points.labels if hasattr(points, "labels") else [points[i][1] for i in range(len(points))]
+    return fingerprint(
+        checkpoint_sha256=checkpoint_sha256, dataset=dataset, split=cfg.split,
+        subset={"skip": cfg.skip, "max": cfg.max, "start": cfg.start}, indices=_indices(points),
+        labels=[int(y) for y in labels], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=cfg.policy, sigma=sigma,
+        grid=sorted(float(s) for s in grid) if samplewise and grid else None, selection=selection, seed=cfg.seed,
+        autocast=cfg.autocast,
+    )
+
+
+def _indices(points) -> list[int]:
+    if hasattr(points, "indices"):
+        return [int(i) for i in points.indices]
+    return [int(points[i][2]) for i in range(len(points))]
+
+
 def certify_model(
     model: nn.Module,
     points,
@@ -113,46 +176,84 @@ def certify_model(
     dataset: str = "",
     meta: dict | None = None,
     device: torch.device | str = "cpu",
+    checkpoint_sha256: str | None = None,
     rows_only: bool = False,
+    merge_from: Sequence[str | Path] | None = None,
     bar: dict | None = None,
 ) -> dict:
     """Certify ``points`` (items ``(x, y, index)``) and write rows + ``summary.json`` into ``out_dir``.
 
-    Re-running into the same folder resumes every TSV where it stopped. Returns the summary. With
-    ``rows_only`` (one part of a distributed run) it writes the per-point rows and stops before the allocation,
-    returning ``{"files": [row files]}``; ``bar`` holds extra tqdm settings (a rank's position and name).
+    ``checkpoint_sha256``: the sha256 of the checkpoint file the model was loaded from; None hashes the model's
+    state_dict (a model certified right after training). Re-running into the same folder with the same
+    fingerprint resumes every TSV where it stopped; another fingerprint raises FingerprintMismatch, a second
+    process FolderLocked (both RunFolderError), before any work. Ctrl-C raises CertificationInterrupted.
+    Returns the summary.
+
+    Distributed runs: with ``rows_only`` (one part) it writes the per-point rows and stops before the
+    allocation, returning ``{"files": [row files]}``; with ``merge_from`` (the part folders) it first merges
+    their rows into ``out_dir``, under its lock, so nothing is certified again. ``bar``: extra tqdm settings.
     """
+    cfg = _resolved(cfg, grid)
+    out = Path(out_dir)
+    sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
+    fp = run_fingerprint(cfg, points, dataset=dataset, sigma=sigma0, grid=grid,
+                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model))
+    if merge_from is not None:  # a bad part is refused before this folder is touched
+        merge_parts(merge_from, None, fp, _indices(points))
+    with open_run_folder(out, fp, overwrite=cfg.overwrite):
+        if merge_from is not None:
+            merge_parts(merge_from, out, fp, _indices(points))
+        try:
+            return _certify_locked(model, points, out, cfg, fp, num_classes=num_classes, sigma0=sigma0, grid=grid,
+                                   dataset=dataset, meta=meta, device=device, rows_only=rows_only, bar=bar)
+        except CertificationInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise CertificationInterrupted(
+                f"interrupted after every row was written to {out}; re-run the same command to finish the summary"
+            ) from None
+
+
+def _resolved(cfg: CertifyConfig, grid) -> CertifyConfig:
+    """``cfg`` validated, with the policy decided (sample-wise when the model was trained with a grid)."""
     cfg.validate()
     if cfg.policy is None:
         cfg = replace(cfg, policy="samplewise" if grid else "constant")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.policy == "samplewise" and not grid:
+        raise ValueError("certify.policy=samplewise needs a grid of levels (noise.grid_factors or certify.grid_factors)")
+    return cfg
+
+
+def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, num_classes, sigma0, grid, dataset,
+                    meta, device, rows_only=False, bar=None) -> dict:
     began = time.perf_counter()
+    requested = _indices(points)
     model = model.to(device)  # certify and select_sigma switch to eval mode themselves and switch back
     if cfg.channels_last:
         # A copy: the caller's model (e.g. one still training) keeps its memory format.
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     if cfg.compile:
         model = torch.compile(model, dynamic=False)
-    sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
     radii = list(cfg.radii) if cfg.radii is not None else report.standard_radii(dataset)
     common = dict(n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch_size, num_classes=num_classes,
                   points_per_group=cfg.points_per_group or max(1, cfg.batch_size // cfg.n), seed=cfg.seed,
-                  device=device, autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last)
+                  device=device, autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last,
+                  sampling=cfg.sampling, max_radius_loss=cfg.max_radius_loss)
     variants: dict[str, dict] = {}
 
     constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")
-    _run(model, points, constant_path, ROW_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg, bar=bar)
+    _run(model, points, constant_path, CONSTANT_COLUMNS, sigma=sigma0, common=common, label="constant", cfg=cfg,
+         bar=bar)
     if rows_only and cfg.policy == "constant":
         return {"files": [constant_path.name]}
-    constant_rows = read_rows(constant_path)
-    variants["constant"] = {**report.summarize_rows(constant_rows, radii), "sound": True, "sigma": sigma0}
+    constant_rows = _requested_rows(constant_path, requested)
+    variants["constant"] = {**report.summarize_rows(constant_rows, radii), "sound": True, "sigma": sigma0,
+                            "forward_passes": int(constant_rows["samples"].sum())}
+    forward_passes = variants["constant"]["forward_passes"]
     main = "constant"
     extra: dict = {}
 
     if cfg.policy == "samplewise":
-        if not grid:
-            raise ValueError("certify.policy=samplewise needs a grid of levels (noise.grid_factors or certify.grid_factors)")
         grid = sorted(float(s) for s in grid)
         from ssmooth.selection import select_sigma
 
@@ -166,13 +267,16 @@ def certify_model(
                                 batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
 
         raw_path = out / "certify_raw.tsv"
-        _run(model, points, raw_path, SAMPLEWISE_COLUMNS, sigma=selector, common=common, label="sample-wise", cfg=cfg,
-             bar=bar)
+        _run(model, points, raw_path, SAMPLEWISE_ROW_COLUMNS, sigma=selector, common=common, label="sample-wise",
+             cfg=cfg, bar=bar)
         if rows_only:
             return {"files": [constant_path.name, raw_path.name]}
-        raw = read_rows(raw_path)
-        variants["samplewise_raw"] = {**report.summarize_rows(raw, radii), "sound": False,
+        raw = _requested_rows(raw_path, requested)
+        # the level selection's draws are forward passes too: m per grid level per point
+        passes = int(raw["samples"].sum()) + len(raw) * len(grid) * m
+        variants["samplewise_raw"] = {**report.summarize_rows(raw, radii), "sound": False, "forward_passes": passes,
                                       "note": "unallocated radii: an upper bound, not a certificate"}
+        forward_passes += passes
         # Allocation sees every evaluated point, in dataset-index order; it never sees labels.
         position = {int(points[i][2]): i for i in range(len(points))}
         x_all = torch.stack([points[position[int(i)]][0] for i in raw["idx"]])
@@ -182,17 +286,21 @@ def certify_model(
         for rule in rules:
             allocation = allocate(x_all, sigma_all, radius_raw, rule=rule)
             r = allocation.radius
-            verify_allocation(x_all, sigma_all, r, radius_raw)  # raises AllocationError: the run stops
+            # raises AllocationError: the run stops before anything is written
+            verify_allocation(x_all, sigma_all, r, radius_raw, answered=allocation.answered)
             rows = raw.copy()
             rows["radius"] = r
-            write_rows(rows[list(SAMPLEWISE_COLUMNS)], out / f"certify_{rule}.tsv")
+            # Another level answers at the same location: this point gives up its answer (see allocation.py).
+            rows.loc[~allocation.answered, ["predict", "correct"]] = (-1, 0)
+            write_rows(rows[list(SAMPLEWISE_ROW_COLUMNS)], out / f"certify_{rule}.tsv")
             stats = {"num_points_T": allocation.num_points, "num_conflicting_pairs": allocation.num_conflicts,
+                     "num_dropped_duplicates": allocation.num_dropped,
                      # NaN when no point was certified: null keeps summary.json strict JSON
                      "mean_r_over_R": None if np.isnan(allocation.mean_ratio) else allocation.mean_ratio}
             variants[f"samplewise_{rule}"] = {**report.summarize_rows(rows, radii), "sound": True,
                                               "allocation": rule, **stats}
             if rule == cfg.allocation:
-                write_rows(rows[list(SAMPLEWISE_COLUMNS)], out / "certify.tsv")
+                write_rows(rows[list(SAMPLEWISE_ROW_COLUMNS)], out / "certify.tsv")
         main = f"samplewise_{cfg.allocation}"
         levels, counts = np.unique(sigma_all, return_counts=True)
         extra["selected_sigma_histogram"] = {f"{s:g}": int(c) for s, c in zip(levels, counts)}
@@ -207,6 +315,8 @@ def certify_model(
         "sigma": sigma0,
         "allocation": cfg.allocation if cfg.policy == "samplewise" else None,
         "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+        "sampling": cfg.sampling, "max_radius_loss": cfg.max_radius_loss if cfg.sampling == "adaptive" else None,
+        "forward_passes": forward_passes,  # every noisy forward pass of this run: selection, pilot, estimation
         "points": {"split": cfg.split, "skip": cfg.skip, "max": cfg.max, "start": cfg.start,
                    "count": int(len(constant_rows)), "indices": [int(i) for i in constant_rows["idx"]]},
         "radii": radii,
@@ -214,27 +324,45 @@ def certify_model(
         "variants": variants,
         "wall_time_s": round(time.perf_counter() - began, 2),
         "certify_config": asdict(cfg),
+        "fingerprint": fp,
         **extra,
     }
     write_summary(summary, out / "summary.json")
     return summary
 
 
+def _requested_rows(path: Path, requested: list[int]):
+    """The rows of exactly the requested points, in index order: a row left in the folder by another subset is
+    never counted, and a requested point without a row is an error, not a smaller denominator."""
+    rows = read_rows(path)
+    rows = rows[rows["idx"].isin(requested)].reset_index(drop=True)
+    missing = sorted(set(requested) - set(int(i) for i in rows["idx"]))
+    if missing:
+        raise RuntimeError(f"{path}: no row for {len(missing)} of the {len(requested)} requested points "
+                           f"(first: index {missing[0]})")
+    return rows
+
+
 def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None) -> None:
+    requested = set(_indices(points))
     with RowWriter(path, columns) as writer:
-        remaining = sum(1 for i in range(len(points)) if int(points[i][2]) not in writer.done)
+        remaining = len(requested - writer.done)
         if remaining == 0:
             return
         progress = None
         if cfg.progress:
-            from tqdm.auto import tqdm
+            from ssmooth.progress import progress_bar  # one line per 30 s when written to a file
 
             settings = {"desc": "certify", **(bar or {})}
             settings["desc"] += f" ({label})"
-            progress = tqdm(total=len(points), initial=len(points) - remaining, unit="pt", **settings)
+            progress = progress_bar(total=len(points), initial=len(points) - remaining, unit="pt", **settings)
         try:
             certify_points(model, points, writer, sigma=sigma, progress=progress.update if progress else None,
                            **common)
+        except KeyboardInterrupt:
+            kept = len(requested & writer.done)
+            raise CertificationInterrupted(f"interrupted: {kept}/{len(requested)} rows kept in {path}; re-run the "
+                                           "same command to resume") from None
         finally:
             if progress is not None:
                 progress.close()
@@ -245,49 +373,19 @@ def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None) -
 # runs where is in ssmooth/certify/distributed.py; these functions only wire it to certify_model.
 
 
-def dataset_indices(points) -> list[int]:
-    """The dataset index of every item, without loading the items where the dataset keeps them in a tensor."""
-    if hasattr(points, "indices"):
-        return [int(i) for i in points.indices]
-    return [int(points[i][2]) for i in range(len(points))]
-
-
-def rows_fingerprint(model: nn.Module, points, cfg: CertifyConfig, *, base_sigma: float, grid, dataset: str,
-                     device) -> dict:
-    """What decides the rows of a part (the run-folder fingerprint of the weights, the points and the settings,
-    plus the device kind: CPU and GPU generators draw different noise); parts merge only if these are equal."""
-    from ssmooth.certify.runfolder import fingerprint, state_dict_sha256
-
-    policy = cfg.policy or ("samplewise" if grid else "constant")
-    samplewise = policy == "samplewise"
-    labels = points.labels.tolist() if hasattr(points, "labels") else [int(points[i][1]) for i in range(len(points))]
-    fp = fingerprint(
-        checkpoint_sha256=state_dict_sha256(model), dataset=dataset, split=cfg.split,
-        subset={"skip": cfg.skip, "max": cfg.max, "start": cfg.start}, indices=dataset_indices(points), labels=labels,
-        n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=policy,
-        sigma=float(cfg.sigma if cfg.sigma is not None else base_sigma),
-        grid=sorted(float(s) for s in grid or []) if samplewise else None,
-        selection={"samples": cfg.selection_samples, "soft": cfg.soft_selection, "cap": cfg.selection_cap}
-        if samplewise else None,
-        seed=cfg.seed, autocast=cfg.autocast)
-    return {**fp, "noise_device": torch.device(device).type}
-
-
 def certify_part(model: nn.Module, points, folder: str | Path, cfg: CertifyConfig, *, part: int, num_parts: int,
-                 fp: dict, **kw) -> None:
-    """Certify part ``part`` of ``num_parts`` of ``points`` into ``folder`` (rows and part.json; resumable)."""
+                 **kw) -> None:
+    """Certify part ``part`` of ``num_parts`` of ``points`` into ``folder`` (rows and part.json; resumable).
+    part.json records the fingerprint of the WHOLE run, which the merge compares across parts."""
     folder = Path(folder)
+    whole = _resolved(cfg, kw.get("grid"))
+    sigma0 = float(whole.sigma if whole.sigma is not None else kw["base_sigma"])
+    fp = run_fingerprint(whole, points, dataset=kw.get("dataset", ""), sigma=sigma0, grid=kw.get("grid"),
+                         checkpoint_sha256=kw.get("checkpoint_sha256") or state_dict_sha256(model))
     share = points.subset(part_positions(len(points), num_parts, part))
-    start_part(folder, part=part, num_parts=num_parts, indices=dataset_indices(share), fp=fp)
+    start_part(folder, part=part, num_parts=num_parts, indices=_indices(share), fp=fp)
     done = certify_model(model, share, folder, cfg, rows_only=True, **kw)
     finish_part(folder, done["files"])
-
-
-def merge_and_summarize(model: nn.Module, points, out_dir: str | Path, cfg: CertifyConfig, part_dirs, *, fp: dict,
-                        **kw) -> dict:
-    """Merge the parts into ``out_dir``, then allocate once over ALL points, verify and summarize."""
-    merge_parts(part_dirs, out_dir, fp, dataset_indices(points))
-    return certify_model(model, points, out_dir, cfg, **kw)  # every row is there: nothing is certified again
 
 
 def certify_on_ranks(model: nn.Module, points, out_dir: str | Path, cfg: CertifyConfig, *, rank: int,
@@ -297,12 +395,10 @@ def certify_on_ranks(model: nn.Module, points, out_dir: str | Path, cfg: Certify
     ``out_dir`` must be on a filesystem every rank sees. One process (world_size 1) is plain certify_model."""
     if world_size == 1:
         return certify_model(model, points, out_dir, cfg, **kw)
-    fp = rows_fingerprint(model, points, cfg, base_sigma=kw["base_sigma"], grid=kw.get("grid"),
-                          dataset=kw.get("dataset", ""), device=kw.get("device", "cpu"))
     parts = [Path(out_dir) / "parts" / f"rank{r}" for r in range(world_size)]
     bar = {"desc": f"rank {rank}/{world_size} certify", "position": rank}
-    certify_part(model, points, parts[rank], cfg, part=rank, num_parts=world_size, fp=fp, bar=bar, **kw)
+    certify_part(model, points, parts[rank], cfg, part=rank, num_parts=world_size, bar=bar, **kw)
     barrier()
     if rank != 0:
         return None
-    return merge_and_summarize(model, points, out_dir, cfg, parts, fp=fp, **kw)
+    return certify_model(model, points, out_dir, cfg, merge_from=parts, **kw)

@@ -588,8 +588,11 @@ def subset_note(summaries) -> str | None:
     """A note when the sources were certified on different test points (or one did not record its points):
     certified accuracy on "every 20th image" and on "images 500-999" differ by several points. None when all
     share one index set."""
+    summaries = _as_list(summaries)
+    if len(summaries) < 2:
+        return None
     sets: dict[frozenset | None, list[str]] = {}
-    for summary in _as_list(summaries):
+    for summary in summaries:
         sets.setdefault(_indices(summary), []).append(_name(summary))
     if len(sets) <= 1 and None not in sets:
         return None
@@ -618,8 +621,8 @@ def title_of(summaries) -> str:
     parts = [", ".join(dataset_name(k) for k in keys)]
     if methods:
         parts.append(", ".join(methods))
-    if sigmas:
-        parts.append("σ = " + ", ".join(f"{s:g}" for s in sigmas))
+    if sigmas:  # a published log records no sigma: say whose levels these are
+        parts.append("σ = " + ", ".join(f"{s:g}" for s in sigmas) + (" (runs)" if len(runs) < len(summaries) else ""))
     return (f"{experiment}: " if experiment else "") + "; ".join(parts)
 
 

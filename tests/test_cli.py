@@ -1,16 +1,19 @@
 """The Hydra apps: every experiment config runs, bad settings fail early and clearly, DDP on CPU, resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from ssmooth.cli import certify as certify_cli
 from ssmooth.cli import train as train_cli
@@ -45,6 +48,9 @@ def test_every_experiment_config_runs_one_step(experiment, tmp_path, request):
     shared = request.getfixturevalue("shared_data") if experiment.startswith(("mnist", "cifar10")) else None
     extra = ["model.depth=20"] if "cifar10" in experiment else []
     extra += ["noise.num_draws=2"] if "samplewise" in experiment or experiment == "demo" else []
+    if experiment.startswith("imagenet"):  # a tiny ImageFolder; a small net keeps 224 px steps fast on a CPU
+        extra += [f"dataset.root={request.getfixturevalue('tiny_imagenet')}", "model.name=tiny",
+                  "trainer.precision=32-true", "dataset.pin_memory=false"]
     tiny = [o for o in TINY if not o.startswith("~experiment")]
     cfg = compose_cfg("train", [f"experiment={experiment}", f"output_dir={tmp_path}", *tiny, *extra,
                                 *data_overrides(experiment, shared)])
@@ -83,6 +89,13 @@ def run_expecting_config_error(overrides, tmp_path, match):
     (["stage=finetune", "pretrained=/no/such.ckpt"], r"/no/such.ckpt"),
     (["stage=pipeline"], r"noise=samplewise"),
     (["+optim.optimizer.momentun=0.9"], r"optim: .*momentun"),
+    (["certify.grid_factors=[]"], r"^certify.grid_factors=\[\] must be a non-empty list"),
+    (["certify.grid_factors=[0.5,-1]"], r"^certify.grid_factors=\[0.5, -1\] must be a non-empty list of factors > 0"),
+    (["certify.start=360", "certify.max=-1"], r"^certify.start=360 is past the end of the digits test split \(360 images"),
+    (["certify.start=10", "certify.max=5"], r"^certify.max=5 is not above certify.start=10"),
+    # a sample-wise certification of a model trained at one level needs a grid: refused before training
+    (["certify.policy=samplewise"], r"^certify.policy=samplewise: .*certify.grid_factors"),
+    (["dataset=mnist", "dataset.source=npz"], r"dataset.source=npz needs dataset.npz_dir=DIR"),
 ])
 def test_bad_settings_fail_before_training_and_name_the_value(overrides, match, tmp_path):
     run_expecting_config_error(overrides, tmp_path, match)
@@ -192,14 +205,31 @@ def test_sweep_runs_each_job_in_its_own_folder_and_reports_one_table(tmp_path):
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["sigma"] for p in summaries} == {0.25, 0.5}
+    # folders and run names show what the sweep varies
+    assert [p.parent.name for p in summaries] == ["0_noise.sigma=0.25", "1_noise.sigma=0.5"]
+    assert sorted(json.loads(p.read_text())["name"] for p in summaries) == [
+        "digits_mlp_gaussian_s0.25 noise.sigma=0.25", "digits_mlp_gaussian_s0.5 noise.sigma=0.5"]
+    log_file = (sweep / "0_noise.sigma=0.25" / "train.log").read_text()
+    assert "rows, summary and plot" in log_file and "epoch 1/1" in log_file  # the run's lines, in its log
     # re-running the sweep skips the finished jobs
     again = subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=300)
-    assert again.stdout.count("already finished") == 2
+    assert again.stdout.count("already finished with the same settings") == 2
+    # ... and refuses other settings, naming the difference, without touching the saved config
+    saved = (sweep / "0_noise.sigma=0.25" / "config.yaml").read_bytes()
+    changed = [c if c != "certify.n0=8" else "certify.n0=9" for c in cmd]
+    refused = subprocess.run(changed, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {sweep / '0_noise.sigma=0.25'} already holds a finished run with other settings: certify.n0=9 "
+        f"(was 8). Use a new folder, or certify its model with: ssmooth-certify "
+        f"ckpt={sweep / '0_noise.sigma=0.25' / 'checkpoints' / 'last.ckpt'} certify.KEY=VALUE (the folder is left "
+        "as it is)"]
+    assert (sweep / "0_noise.sigma=0.25" / "config.yaml").read_bytes() == saved
     from ssmooth.cli import report as report_cli
 
     assert report_cli.main([str(sweep)]) == 0
     table = (sweep / "report.md").read_text()
-    assert "0.25" in table and "0.5" in table
+    assert "noise.sigma=0.25" in table and "noise.sigma=0.5" in table
 
 
 def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
@@ -214,27 +244,6 @@ def test_the_demo_is_the_default_and_runs_the_whole_method(tmp_path):
     assert "samplewise_fill" in report and "unsound" in report
 
 
-def test_killed_training_resumes_from_last_to_the_same_final_epoch(tmp_path, monkeypatch):
-    from ssmooth.lit.module import SmoothingModule
-
-    overrides = [f"output_dir={tmp_path}", *TINY, "trainer.max_epochs=3", "certify.enabled=false",
-                 "trainer.limit_train_batches=2"]
-
-    def crash(self):
-        if self.current_epoch == 2:
-            raise RuntimeError("killed")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(SmoothingModule, "on_train_epoch_start", crash, raising=False)
-        with pytest.raises(RuntimeError, match="killed"):
-            train_cli.run(compose_cfg("train", overrides))
-    interrupted = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert interrupted["epoch"] == 1
-    train_cli.run(compose_cfg("train", [*overrides, "ckpt_path=last"]))
-    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * 2  # three epochs of two steps, no more
-
-
 @pytest.mark.parametrize("trainer", sorted(p.stem for p in (REPO / "conf" / "trainer").glob("*.yaml")))
 def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
     # GPU configs are built with the accelerator swapped for the CPU: the rest (strategy, timeout) is checked.
@@ -244,6 +253,67 @@ def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
         cfg.trainer.devices = 2
     built = train_cli.build_trainer(cfg, tmp_path, [], [])
     assert built.max_epochs == cfg.trainer.max_epochs
+
+
+def _interrupt_when(cmd, cwd, ready) -> subprocess.CompletedProcess:
+    """Start ``cmd``, send Ctrl-C (SIGINT) once ``ready()`` holds, return its exit status and output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", err)
+
+
+def test_ctrl_c_in_training_says_what_was_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    from ssmooth.cli.common import Interrupted, exit_on_config_error
+    from ssmooth.lit.module import SmoothingModule
+
+    def ctrl_c(self):
+        if self.current_epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SmoothingModule, "on_train_epoch_start", ctrl_c, raising=False)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # Lightning would ignore SIGINT for the rest of pytest
+    cfg = compose_cfg("train", [f"output_dir={tmp_path}", *TINY, "trainer.max_epochs=5"])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(Interrupted, match=rf"^training stopped in epoch 3 of 5; kept {last} \(2 epochs done\); "
+                                          rf"re-run with output_dir={tmp_path} to resume$"):
+        train_cli.run(cfg)
+    assert not (tmp_path / "summary.json").exists()
+
+    def interrupted_task(cfg):
+        raise Interrupted("kept 3/9 rows")
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_config_error(interrupted_task)(cfg)
+    assert exit_.value.code == 130
+    assert [line for line in capsys.readouterr().err.splitlines() if line] == ["interrupted: kept 3/9 rows"]
+
+
+@pytest.mark.cli
+def test_ctrl_c_in_certification_says_how_many_rows_were_kept_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    tsv = run / "certify.tsv"
+    cmd = [sys.executable, "-m", "ssmooth.cli.train", "~experiment", "trainer.max_epochs=1", "certify.progress=false",
+           f"hydra.run.dir={run}", "certify.n=20000", "certify.n0=10", "certify.points_per_group=2",
+           "certify.batch_size=4000", "certify.skip=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tsv.is_file() and tsv.read_text().count("\n") > 4):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and len(lines) == 1, err
+    kept = pd.read_csv(tsv, sep="\t")
+    assert 4 <= len(kept) < 120
+    assert lines[0] == (f"interrupted: {len(kept)}/120 rows kept in {tsv}; "
+                        f"re-run the same command with hydra.run.dir={run} to resume")
 
 
 @pytest.mark.cli
@@ -261,12 +331,14 @@ def test_two_jobs_started_in_the_same_second_get_different_folders(tmp_path):
 
 def test_a_samplewise_checkpoint_is_certified_samplewise_unless_told_otherwise(tmp_path):
     pretrain = tmp_path / "pretrain"
-    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false"]))
+    train_cli.run(compose_cfg("train", [f"output_dir={pretrain}", *TINY, "certify.enabled=false", "model.hidden=[32]"]))
     finetune = tmp_path / "finetune"
     summary = train_cli.run(compose_cfg("train", [
         f"output_dir={finetune}", *TINY, "stage=finetune", f"pretrained={pretrain / 'checkpoints' / 'last.ckpt'}",
         "noise=samplewise", "noise.num_draws=2"]))
     assert summary["sigma_policy"] == "samplewise" and "samplewise_fill" in summary["variants"]
+    # the saved config says what ran: the architecture came from the pretrained checkpoint, not model=mlp's default
+    assert OmegaConf.load(finetune / "config.yaml").model.hidden == [32]
     ckpt = finetune / "checkpoints" / "last.ckpt"
     constant = certify_cli.run(compose_cfg("certify", [
         f"ckpt={ckpt}", f"output_dir={tmp_path / 'cert'}", "certify.policy=constant", "certify.n=100",
@@ -340,3 +412,148 @@ def test_ddp_training_certifies_on_every_rank_with_the_rows_of_one_process(tmp_p
     rows = pd.read_csv(out / "certify.tsv", sep="\t")[columns]
     assert rows.equals(pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[columns])
     assert json.loads((out / "summary.json").read_text())["variants"] == alone["variants"]
+
+
+def test_a_run_folder_skips_the_same_settings_refuses_others_and_continues_with_more_epochs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # dataset.root is relative: the checkpoint must store it absolute
+    run = tmp_path / "run"
+    base = [f"output_dir={run}", *TINY]
+    first = train_cli.run(compose_cfg("train", base))
+    saved = (run / "config.yaml").read_bytes()
+    last = run / "checkpoints" / "last.ckpt"
+    stamp = last.stat().st_mtime_ns
+    meta = torch.load(last, weights_only=False)["ssmooth"]
+    assert meta["dataset"]["root"] == str(tmp_path / "data")
+
+    # the same settings (a progress flag aside): skipped, nothing rewritten
+    again = train_cli.run(compose_cfg("train", [*base, "certify.progress=true"]))
+    assert again == first and last.stat().st_mtime_ns == stamp
+
+    # other settings: refused, naming the difference and both ways out; the folder untouched
+    with pytest.raises(ConfigError, match=r"already holds a finished run with other settings: noise.sigma=0.5 "
+                                          r"\(was 0.25\)\. Use a new folder"):
+        train_cli.run(compose_cfg("train", [*base, "noise.sigma=0.5"]))
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=2 \(was 1\).*add ckpt_path=last to continue"):
+        train_cli.run(compose_cfg("train", [*base, "trainer.max_epochs=2"]))
+    with pytest.raises(ConfigError, match=r"certify.n=200 \(was 100\).*ssmooth-certify ckpt="):
+        train_cli.run(compose_cfg("train", [*base, "certify.n=200"]))
+    assert (run / "config.yaml").read_bytes() == saved and last.stat().st_mtime_ns == stamp
+
+    # ckpt_path=last with more epochs continues the finished run; its first certification is kept aside
+    more = train_cli.run(compose_cfg("train", [*base, "trainer.max_epochs=2", "ckpt_path=last"]))
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2  # one more epoch of one step, not two new ones
+    assert OmegaConf.load(run / "config.yaml").trainer.max_epochs == 2
+    earlier = run / "certified_after_1_epochs"
+    assert json.loads((earlier / "summary_superseded.json").read_text()) == json.loads(json.dumps(first))
+    assert json.loads((run / "summary.json").read_text())["points"] == more["points"]
+    metrics = pd.read_csv(run / "csv" / "metrics.csv")
+    assert sorted(metrics.dropna(subset=["train/loss"])["epoch"]) == [0, 1]  # the first epoch's row survived
+    assert list(tmp_path.rglob("summary.json")) == [run / "summary.json"]  # a sweep report sees one run
+
+
+def test_an_interrupted_run_resumes_from_the_same_command_and_keeps_its_metrics(tmp_path, monkeypatch):
+    from ssmooth.lit.module import SmoothingModule
+
+    overrides = [f"output_dir={tmp_path}", *TINY, "trainer.max_epochs=3", "certify.enabled=false",
+                 "trainer.limit_train_batches=2"]
+
+    def crash(self):
+        if self.current_epoch == 2:
+            raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SmoothingModule, "on_train_epoch_start", crash, raising=False)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_cli.run(compose_cfg("train", overrides))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    train_cli.run(compose_cfg("train", overrides))  # the same command: no ckpt_path needed
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * 2
+    metrics = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    assert sorted(metrics.dropna(subset=["train/loss"])["epoch"]) == [0, 1, 2]  # every epoch once
+    # finished (certification off): the same command again is a skip, not a fourth epoch
+    train_cli.run(compose_cfg("train", overrides))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_certify_grid_factors_given_to_training_are_used(tmp_path):
+    summary = train_cli.run(compose_cfg("train", [f"output_dir={tmp_path}", *TINY, "certify.grid_factors=[0.5,1]"]))
+    assert summary["sigma_policy"] == "samplewise"
+    assert set(pd.read_csv(tmp_path / "certify_raw.tsv", sep="\t")["sigma"]) <= {0.125, 0.25}
+
+
+def test_certify_refuses_bad_input_naming_it(tmp_path):
+    train_cli.run(compose_cfg("train", [f"output_dir={tmp_path / 'train'}", *TINY, "certify.enabled=false"]))
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+
+    def refused(overrides, match):
+        cfg = compose_cfg("certify", [f"output_dir={tmp_path / 'cert'}", "certify.n=100", "certify.n0=8", *overrides])
+        with pytest.raises(ConfigError, match=match):
+            certify_cli.run(cfg)
+        assert not (tmp_path / "cert").exists()
+
+    refused([f"ckpt={tmp_path / 'train'}"], rf"{tmp_path / 'train'} is a folder, not a checkpoint file; it holds {ckpt}")
+    refused([f"ckpt={ckpt}", "certify.grid_factors=[]"], r"certify.grid_factors=\[\]")
+    refused([f"ckpt={ckpt}", "certify.policy=samplewise"], r"trained at one level.*certify.grid_factors")
+    refused([f"ckpt={ckpt}", "certify.start=1000"], r"certify.start=1000 is past the end")
+    refused([f"ckpt={ckpt}", "dataset.source=torchvision"], r"digits.*cannot be loaded from source 'torchvision'")
+
+
+def test_a_model_whose_width_is_not_num_classes_is_refused():
+    from ssmooth.cli.common import check_output_width
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
+    with pytest.raises(ConfigError, match=r"^model=x outputs 7 classes but the dataset has num_classes=10$"):
+        check_output_width(model, (1, 8, 8), 10, "model=x")
+    check_output_width(model, (1, 8, 8), 7, "model=x")
+
+
+def test_nan_pixels_are_refused_before_training(tmp_path):
+    images = np.zeros((4, 28, 28), dtype=np.float32)
+    images[2, 5, 5] = np.nan
+    for split in ("train", "test"):
+        (tmp_path / "mnist").mkdir(exist_ok=True)
+        np.savez(tmp_path / "mnist" / f"mnist_{split}.npz", images=images, labels=np.arange(4))
+    run_expecting_config_error(["dataset=mnist", "model=lenet", "dataset.source=npz", f"dataset.npz_dir={tmp_path}"],
+                               tmp_path / "run", r"mnist_train.npz: 1 pixel values are NaN or infinite")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trainer.max_epoch=1"], "error: unknown key 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?"),
+    (["-m", "objective=gaussian,macerr"], "error: objective=macerr: no such config; choose one of consistency, "
+                                          "gaussian, macer, smoothadv"),
+    (["noise.sigma=0.25,0.5"], "error: Ambiguous value for argument 'noise.sigma=0.25,0.5': sweep over it with -m, "
+                               "or write a list as key=[a,b]"),
+    (["+trainer.max_epochz=1", "certify.nn=3"], "error: unknown key 'certify.nn'; did you mean 'certify.n'?"),
+])
+def test_a_bad_command_line_is_one_line_and_exit_2_before_hydra_starts(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ssmooth-train", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [message]
+
+
+def test_help_lists_the_groups_each_command_takes(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ssmooth-certify", "--help"])
+    certify_cli.main()
+    text = capsys.readouterr().out
+    assert text.startswith("ssmooth-certify: certify a saved checkpoint") and "certify: default" in text
+    assert "model:" not in text and "experiment:" not in text  # groups ssmooth-certify would refuse
+    monkeypatch.setattr(sys, "argv", ["ssmooth-train", "-h"])
+    train_cli.main()
+    text = capsys.readouterr().out
+    assert "experiment: cifar10_gaussian |" in text and "(default: demo)" in text
+    assert re.search(r"^  model: cifar_resnet \| .*lenet \| mlp.*\(default: mlp\)$", text, re.M)
+
+
+def test_config_differences_name_each_changed_leaf():
+    from ssmooth.cli.common import config_differences
+
+    saved = {"noise": {"sigma": 0.25}, "trainer": {"max_epochs": 1, "devices": 1}, "output_dir": "a"}
+    requested = {"noise": {"sigma": 0.5}, "trainer": {"max_epochs": 1, "devices": 1}, "output_dir": "b",
+                 "certify": {"shard_dirs": None, "new_switch": False, "new_level": 0.5}}
+    assert config_differences(saved, requested, ignore=("output_dir",)) == [
+        "certify.new_level=0.5 (was <absent>)", "noise.sigma=0.5 (was 0.25)"]
+    assert config_differences(requested, saved, ignore=("output_dir", "certify")) == ["noise.sigma=0.25 (was 0.5)"]

@@ -98,7 +98,7 @@ def test_missing_torchvision_files_say_both_ways(tmp_path):
 
 def test_bad_npz_contents_name_the_file(tmp_path):
     path = tmp_path / "bad.npz"
-    np.savez(path, images=np.zeros((2, 28, 28), dtype=np.float32), labels=np.zeros(2, dtype=np.int64))
+    np.savez(path, images=np.zeros((2, 28, 28), dtype=np.int16), labels=np.zeros(2, dtype=np.int64))
     with pytest.raises(ValueError, match="bad.npz.*uint8"):
         load_split("mnist", "train", source="npz", npz_path=path)
     np.savez(path, images=np.zeros((2, 28, 28), dtype=np.uint8))
@@ -107,6 +107,40 @@ def test_bad_npz_contents_name_the_file(tmp_path):
     path.write_bytes(b"not an archive")
     with pytest.raises(ValueError, match="bad.npz"):
         load_split("mnist", "train", source="npz", npz_path=path)
+
+
+def test_float_npz_images_load_as_given_and_bad_pixels_are_refused(tmp_path):
+    path = tmp_path / "float.npz"
+    images = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
+    np.savez(path, images=images, labels=np.array([1, 2, 3]))
+    data = load_split("mnist", "test", source="npz", npz_path=path)
+    assert torch.equal(data.images[:, 0], torch.from_numpy(images))  # already in [0,1]: not divided by 255
+
+    images[1, 3, 4] = np.nan
+    images[2, 0, 0] = np.inf
+    np.savez(path, images=images, labels=np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"float.npz: 2 pixel values are NaN or infinite \(in 2 images, the first at position 1\)"):
+        load_split("mnist", "test", source="npz", npz_path=path)
+    images[1, 3, 4], images[2, 0, 0] = 0.5, 1.5
+    np.savez(path, images=images, labels=np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"float.npz: pixel values must lie in \[0, 1\], got .*\.\.1\.5"):
+        load_split("mnist", "test", source="npz", npz_path=path)
+
+
+def test_npz_source_without_a_folder_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"dataset.source=npz needs dataset.npz_dir=DIR.*mnist/mnist_train.npz"):
+        SmoothingDataModule("mnist", source="npz")
+
+
+def test_an_empty_or_inverted_test_subset_is_refused_naming_the_keys():
+    dm = SmoothingDataModule("digits")
+    with pytest.raises(ValueError, match=r"certify.start=360 is past the end of the digits test split \(360 images"):
+        dm.test_points(start=360)
+    with pytest.raises(ValueError, match=r"certify.max=100 is not above certify.start=200"):
+        dm.test_points(start=200, max=100)
+    with pytest.raises(ValueError, match=r"certify.max=5 is not above certify.start=5"):
+        dm.test_points(start=5, max=5)
+    assert len(dm.test_points(start=359)) == 1  # the last position is still a subset
 
 
 def test_unknown_names_are_errors():

@@ -84,9 +84,10 @@ def finish_part(folder: Path, files: Sequence[str]) -> None:
     write_record(folder, {**record, "complete": True, "files": list(files)})
 
 
-def merge_parts(folders: Sequence[str | os.PathLike], out_dir: str | os.PathLike, expected: dict,
+def merge_parts(folders: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None, expected: dict,
                 indices: Sequence[int]) -> list[str]:
     """Merge the part folders into ``out_dir``: every row file once per dataset index, in index order.
+    ``out_dir=None`` checks everything and writes nothing.
 
     ``expected`` is the fingerprint of this run and ``indices`` the dataset indices of the whole subset.
     Raises MergeError, naming the folder, for a missing or incomplete part, a part of another certification
@@ -116,8 +117,6 @@ def merge_parts(folders: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     if len(names) != 1:
         raise MergeError(f"the parts hold different row files: {names}")
     expected_indices = sorted(int(i) for i in indices)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for name in names[0]:
         frames = [read_rows(folder / name) for folder, _ in records.values()]
         merged = pd.concat(frames).sort_values("idx", kind="stable").reset_index(drop=True)
@@ -131,5 +130,7 @@ def merge_parts(folders: Sequence[str | os.PathLike], out_dir: str | os.PathLike
             what = [f"miss dataset index(es) {gap[:5]}"] if gap else []
             what += [f"hold index(es) {extra[:5]} outside this run's subset"] if extra else []
             raise MergeError(f"{name}: the parts {' and '.join(what)}")
-        write_rows(merged, out / name)
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_rows(merged, Path(out_dir) / name)
     return list(names[0])

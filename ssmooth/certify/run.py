@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ssmooth.certify.adaptive import certify_adaptive
 from ssmooth.certify.core import certify
 from ssmooth.certify.results import RowWriter
 from ssmooth.certify.streams import NoiseStream, point_streams
@@ -16,6 +17,14 @@ StreamFactory = Callable[[str, int], list[NoiseStream]]
 # Picks the noise level of each point of a group: (x [B, *shape], streams) -> sigma [B]. It must not look at
 # labels and draws from the group's "level" streams, never the certification's.
 SigmaSelector = Callable[[torch.Tensor, StreamFactory], torch.Tensor]
+
+
+def dataset_indices(points) -> list[int]:
+    """The dataset index of every item, read without loading the items where the dataset keeps them apart (an
+    image dataset decoded from files would otherwise decode every image just for its index)."""
+    if hasattr(points, "indices"):
+        return [int(i) for i in points.indices]
+    return [int(points[i][2]) for i in range(len(points))]
 
 
 def certify_points(
@@ -35,16 +44,20 @@ def certify_points(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress: Callable[[int], None] | None = None,
+    sampling: str = "fixed",
+    max_radius_loss: float = 0.02,
 ) -> None:
     """CERTIFY every item ``(x, y, index)`` of ``points`` whose index ``writer`` has not written yet.
 
     ``sigma`` is one level for all points, or a selector choosing a level per point (sample-wise smoothing);
-    with a selector the rows also carry ``radius_raw`` (the unallocated radius). Several points form a group so
+    with a selector the rows also carry ``radius_raw`` (the unallocated radius). ``sampling="adaptive"`` gives
+    each point its own number of samples (``certify_adaptive``, within ``max_radius_loss`` of the radius at n);
+    every row carries the forward passes its point cost in ``samples``. Several points form a group so
     that their noisy copies share forward batches; each row's ``time`` is its share of the group's wall time.
     Every point draws its noise from its own streams, keyed by (``seed``, dataset index, purpose): its row is the
     same whichever group, rank or shard certifies it, and whether or not the run was resumed.
     """
-    todo = [i for i in range(len(points)) if int(points[i][2]) not in writer.done]
+    todo = [i for i, idx in enumerate(dataset_indices(points)) if idx not in writer.done]
     samplewise = callable(sigma)
     for start in range(0, len(todo), points_per_group):
         group = [points[i] for i in todo[start : start + points_per_group]]
@@ -59,14 +72,20 @@ def certify_points(
             levels = sigma(x, streams).to(device=device, dtype=torch.float32)
         else:
             levels = torch.full((len(group),), float(sigma), device=device)
-        cert = certify(model, x, levels, n0=n0, n=n, alpha=alpha, batch_size=batch_size, num_classes=num_classes,
-                       seed=seed, indices=indices, autocast_dtype=autocast_dtype, channels_last=channels_last)
+        kw = dict(n0=n0, n=n, alpha=alpha, batch_size=batch_size, num_classes=num_classes, seed=seed,
+                  indices=indices, autocast_dtype=autocast_dtype, channels_last=channels_last)
+        if sampling == "adaptive":
+            cert = certify_adaptive(model, x, levels, max_radius_loss=max_radius_loss, **kw)
+        else:
+            cert = certify(model, x, levels, **kw)
+        samples = cert.samples if cert.samples is not None else torch.full((len(group),), n0 + n)
         elapsed = (time.perf_counter() - began) / len(group)
         rows = []
         for k, (idx, label) in enumerate(zip(indices, labels)):
             pred = int(cert.prediction[k])
             row = {"idx": idx, "label": label, "predict": pred, "radius": float(cert.radius[k]),
-                   "correct": int(pred == label), "sigma": float(levels[k]), "time": round(elapsed, 4)}
+                   "correct": int(pred == label), "sigma": float(levels[k]), "time": round(elapsed, 4),
+                   "samples": int(samples[k])}
             if samplewise:
                 row["radius_raw"] = row["radius"]
             rows.append(row)

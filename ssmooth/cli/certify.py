@@ -14,24 +14,30 @@ these give the same rows as one process.
   ssmooth-certify ckpt=PATH certify.merge=true certify.shard_dirs=[shards/0,shards/1,shards/2,shards/3]
   ssmooth-certify ckpt=PATH certify.merge=true 'certify.shard_dirs="shards/*"'          # the same, a pattern
 
-The checkpoint carries the architecture, normalization, dataset, classes and noise policy. Re-running into
-the same folder (hydra.run.dir=...) resumes where an interrupted run stopped.
+The checkpoint carries the architecture, normalization, dataset, classes and noise policy; set only the test
+subset and the sampling (certify.*), where the test split is read from (dataset.source, dataset.root,
+dataset.npz_dir), the device and the processes (distributed). Re-running into the same folder
+(hydra.run.dir=...) resumes where an interrupted run stopped, and Ctrl-C says how many rows were kept; a folder
+holding rows of another checkpoint or other settings is refused (certify.overwrite=true starts it afresh).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from ssmooth.cli.common import (
-    CONFIG_DIR,
     ConfigError,
+    certification_grid,
+    certification_note,
     certify_config,
-    exit_on_config_error,
+    check_output_width,
+    console_main,
+    on_interrupt,
     plain,
     report_certification,
     resolve_device,
+    test_points,
 )
 
 
@@ -86,7 +92,8 @@ def shard_folders(shard_dirs) -> list[str]:
 def run(cfg: DictConfig) -> dict | None:
     from ssmooth.cli.train import build_datamodule, build_model
     from ssmooth.certify.distributed import MergeError
-    from ssmooth.evaluate import certify_on_ranks, certify_part, merge_and_summarize, rows_fingerprint
+    from ssmooth.certify.runfolder import RunFolderError, file_sha256
+    from ssmooth.evaluate import certify_model, certify_on_ranks, certify_part
     from ssmooth.lit.module import load_checkpoint, model_state
 
     cert_cfg = certify_config(cfg.certify)
@@ -107,18 +114,12 @@ def run(cfg: DictConfig) -> dict | None:
         model.load_state_dict(model_state(state))
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {cfg.ckpt} does not match its own architecture: {err}") from None
+    check_output_width(model, datamodule.info.input_shape, datamodule.info.num_classes, f"checkpoint {cfg.ckpt}")
 
     noise = meta["noise"]
     # A checkpoint trained with per-sample levels carries their grid (certify.policy=constant leaves it unused).
-    grid = noise.get("grid") or None
-    if cert_cfg.grid_factors is not None:
-        from ssmooth.noise import sigma_grid
-
-        grid = sigma_grid(cert_cfg.sigma or noise["sigma"], cert_cfg.grid_factors)
-    if cert_cfg.policy == "samplewise" and not grid:
-        raise ConfigError(f"certify.policy=samplewise: checkpoint {cfg.ckpt} was trained at one level; give the "
-                          "grid with certify.grid_factors=[0.5,1.0,2.0]")
-    points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
+    grid = certification_grid(cert_cfg, noise["sigma"], noise.get("grid"), f"checkpoint {cfg.ckpt}")
+    points = test_points(datamodule, cert_cfg)
     output_dir = Path(cfg.output_dir)
     rank, world_size, barrier, device, fabric = 0, 1, None, resolve_device(cfg.device), None
     if cfg.distributed.strategy == "ddp":
@@ -131,41 +132,37 @@ def run(cfg: DictConfig) -> dict | None:
             raise ConfigError(f"rank {rank} runs in {output_dir}, rank 0 in {root}: give every node the same "
                               "hydra.run.dir=... on a filesystem they share")
     kw = dict(num_classes=datamodule.info.num_classes, base_sigma=noise["sigma"], grid=grid,
-              dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device)
-    try:
-        if cert_cfg.num_shards > 1 or cert_cfg.merge:
-            fp = rows_fingerprint(model, points, cert_cfg, base_sigma=noise["sigma"], grid=grid,
-                                  dataset=datamodule.info.name, device=device)
+              dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device,
+              checkpoint_sha256=file_sha256(cfg.ckpt))
+    with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
+        try:
             if cert_cfg.merge:
-                summary = merge_and_summarize(model, points, output_dir, cert_cfg, shard_folders(cert_cfg.shard_dirs),
-                                              fp=fp, **kw)
-            else:
+                summary = certify_model(model, points, output_dir, cert_cfg,
+                                        merge_from=shard_folders(cert_cfg.shard_dirs), **kw)
+            elif cert_cfg.num_shards > 1:
                 bar = {"desc": f"shard {cert_cfg.shard}/{cert_cfg.num_shards} certify"}
-                certify_part(model, points, output_dir, cert_cfg, part=cert_cfg.shard,
-                             num_parts=cert_cfg.num_shards, fp=fp, bar=bar, **kw)
+                certify_part(model, points, output_dir, cert_cfg, part=cert_cfg.shard, num_parts=cert_cfg.num_shards,
+                             bar=bar, **kw)
                 print(f"shard {cert_cfg.shard} of {cert_cfg.num_shards} complete: {output_dir}\n"
                       "merge all shards with certify.merge=true certify.shard_dirs=[FOLDER,...]")
                 return None
-        else:
-            summary = certify_on_ranks(model, points, output_dir, cert_cfg, rank=rank, world_size=world_size,
-                                       barrier=barrier, **kw)
-    except MergeError as err:
-        if fabric is not None:
-            stop_children(fabric)
-        raise ConfigError(str(err)) from None
-    except BaseException:
-        if fabric is not None:
-            stop_children(fabric)
-        raise
+            else:
+                summary = certify_on_ranks(model, points, output_dir, cert_cfg, rank=rank, world_size=world_size,
+                                           barrier=barrier, **kw)
+        except (MergeError, RunFolderError) as err:  # refused before any work: a bad part, another run's folder
+            if fabric is not None:
+                stop_children(fabric)
+            raise ConfigError(str(err)) from None
+        except BaseException:
+            if fabric is not None:
+                stop_children(fabric)
+            raise
     if summary is not None:  # rank 0
         report_certification(summary, output_dir)
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="certify")
-@exit_on_config_error
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = console_main("certify", run, __doc__)
 
 
 if __name__ == "__main__":

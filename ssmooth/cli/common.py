@@ -1,39 +1,110 @@
-"""What both console scripts share: config errors that exit cleanly, output folders, building parts from configs."""
+"""What the console scripts share: bad input refused in one line (exit 2), Ctrl-C reported in one line (exit
+130), ``--help``, the project logger, output folders, building parts from configs."""
 from __future__ import annotations
 
+import contextlib
+import difflib
 import functools
+import logging
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
+from typing import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+# The run's messages: through logging, so that they reach the console and the run's <job>.log file once.
+log = logging.getLogger("ssmooth")
 
 # One token per process: with ${now:} it makes every job's run folder unique, even for two jobs started in the
 # same second. Cached, so every reference within one process agrees.
 OmegaConf.register_new_resolver("ssmooth_token", lambda: f"{os.getpid()}-{uuid.uuid4().hex[:6]}", use_cache=True,
                                 replace=True)
 
+# The keys a multirun sweeps over, found on the command line by `console_main`; the environment carries them to
+# jobs that a launcher starts in other processes.
+SWEPT_KEYS_ENV = "SSMOOTH_SWEPT_KEYS"
+
+
+def swept_values(task_overrides) -> str:
+    """``key=value`` of this job's swept keys (comma separated), or "" outside a sweep."""
+    swept = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
+    if not swept:
+        return ""
+    pairs = [o.lstrip("+~") for o in task_overrides or []]
+    return ",".join(p for p in pairs if p.split("=", 1)[0] in swept)
+
+
+# A sweep job's folder shows what varies: hydra.sweep.subdir is ${hydra.job.num}_${ssmooth_job_dir:${name}}.
+OmegaConf.register_new_resolver(
+    "ssmooth_job_dir", lambda name, _root_: swept_values(_root_.hydra.overrides.task) or name, replace=True)
+
+
+_DROPPED_LINES = ("Detected KeyboardInterrupt", "litlogger")
+
 
 def quiet_console() -> None:
-    """Lightning prints through its own handler and Hydra's root handler: keep one copy, and drop a deprecation
-    warning Lightning raises inside its own code on every fit."""
-    import logging
+    """Lightning's messages go through the root logger (console and the run's log file, once) instead of a handler
+    of its own; drop a deprecation warning Lightning raises inside its own code on every fit."""
     import warnings
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).propagate = False
+    import lightning  # noqa: F401  (imported now: on import it adds console handlers of its own, removed below)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    # Lightning's own Ctrl-C line (ours says what was kept) and its advertisement.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not any(s in record.getMessage() for s in _DROPPED_LINES))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # A resumed run writes into its own checkpoint folder on purpose (the run folder check allowed it).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class ConfigError(ValueError):
     """A bad setting, found before any work starts; the message names the key and the value."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying what the interrupted work kept and how to resume it."""
+
+
+@contextlib.contextmanager
+def on_interrupt(note: Callable[[], str], folder: Path | None = None) -> Iterator[None]:
+    """Ctrl-C inside the block becomes ``Interrupted(message)``, printed by ``exit_on_config_error`` (exit 130).
+
+    The message is what the interrupted code said, when it raised a KeyboardInterrupt with one (certification
+    counts the rows it kept), with "re-run the same command" made precise for ``folder`` (run folders are
+    time-stamped, so the same command alone would start a new one); otherwise ``note()``, computed when the
+    interrupt arrives so that it can count what was kept by then."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as err:
+        said = str(err).removeprefix("interrupted: ")
+        try:
+            if said and folder is not None:
+                message = said.replace("re-run the same command", rerun_hint(folder), 1)
+            else:
+                message = said or note()
+        except Exception as failure:  # a note must never hide the interrupt itself
+            message = said or f"(what was kept is unknown: {failure})"
+        raise Interrupted(message) from None
+
+
 def exit_on_config_error(task):
-    """Print a ConfigError (or a missing file) as one line and exit 2, instead of a wall of traceback."""
+    """Print a ConfigError (or a missing file) as one line and exit 2, and Ctrl-C as one line saying what was
+    kept and exit 130, instead of a wall of traceback."""
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig):
@@ -42,9 +113,142 @@ def exit_on_config_error(task):
             return task(cfg)
         except (ConfigError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_CONFIG_ERROR)
+        except KeyboardInterrupt as err:
+            note = str(err).removeprefix("interrupted: ") or "nothing was kept"  # Interrupted, or the library's own
+            print(f"\ninterrupted: {note}", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
+
+
+def console_main(config_name: str, task: Callable[[DictConfig], object], doc: str) -> Callable[[], None]:
+    """The entry point of a console script: ``--help`` from ``doc`` and the config groups the command takes;
+    command-line overrides checked before Hydra starts (a misspelt key is one line and exit 2); then the Hydra
+    app running ``task`` under ``exit_on_config_error``."""
+    import hydra
+
+    app = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(exit_on_config_error(task))
+
+    def main() -> None:
+        args = sys.argv[1:]
+        try:
+            if any(a in ("-h", "--help") for a in args):
+                print(command_help(config_name, doc))
+                return
+            swept = check_overrides(config_name, args)
+            if swept:
+                os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
+        except KeyboardInterrupt:
+            print("\ninterrupted before anything started", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        app()
+
+    main.__doc__ = doc
+    return main
+
+
+def _compose(config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+
+
+def config_keys(cfg) -> list[str]:
+    """Every dotted key of a config (leaves and nodes)."""
+    keys = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            full = f"{prefix}{key}"
+            keys.append(full)
+            if isinstance(value, dict):
+                walk(value, f"{full}.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return keys
+
+
+def check_overrides(config_name: str, args: list[str]) -> list[str]:
+    """Compose the config with the command line's overrides (every value of a sweep) and raise ConfigError in one
+    line for an unknown key (with the closest valid key), a config group option that does not exist, or a value
+    Hydra cannot parse. Returns the keys a multirun sweeps over.
+
+    Anything this check cannot judge (Hydra's own options such as --cfg, sweeps over globs) is left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return []
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse the command line: {_first_line(err)}") from None
+    sweeps = [o for o in parsed if o.is_sweep_override()] if multirun else []
+    try:
+        first = {id(o): next(iter(o.sweep_string_iterator())) for o in sweeps}
+        variants = [[f"{o.get_key_element()}={first[id(o)]}" if id(o) in first else o.input_line for o in parsed]]
+        for i, o in enumerate(parsed):
+            if id(o) in first:
+                for value in list(o.sweep_string_iterator())[1:]:
+                    variant = list(variants[0])
+                    variant[i] = f"{o.get_key_element()}={value}"
+                    variants.append(variant)
+    except Exception:  # e.g. glob() sweeps need Hydra's own expansion
+        return [o.key_or_group for o in sweeps]
+    for variant in variants:
+        try:
+            _compose(config_name, variant)
+        except MissingConfigException as err:
+            found = re.search(r"Could not find '([^']+)/([^'/]+)'", str(err))
+            if found and err.options:
+                raise ConfigError(f"{found.group(1)}={found.group(2)}: no such config; choose one of "
+                                  f"{', '.join(err.options)}") from None
+            raise ConfigError(_first_line(err)) from None
+        except ConfigCompositionException as err:
+            unknown = re.match(r"Could not override '([^']+)'", str(err))
+            if unknown:
+                key = unknown.group(1)
+                rest = [v for v in variant if not re.match(rf"[+~]*{re.escape(key)}=", v)]
+                try:
+                    known = config_keys(_compose(config_name, rest))
+                except Exception:
+                    known = []
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"to add a new key write +{key}=VALUE"
+                raise ConfigError(f"unknown key '{key}'; {hint}") from None
+            if str(err).startswith("Ambiguous value"):
+                raise ConfigError(f"{_first_line(err)}: sweep over it with -m, or write a list as key=[a,b]") from None
+            raise ConfigError(_first_line(err)) from None
+    return [o.key_or_group for o in sweeps]
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def command_help(config_name: str, doc: str) -> str:
+    """``doc`` and the config groups this command composes (with their options and defaults)."""
+    lines = [doc.strip(), "", "Config groups (choose with GROUP=OPTION; ~GROUP removes one):"]
+    try:
+        choices = _compose(config_name, []).hydra.runtime.choices
+    except Exception as err:  # help must still print if the config is broken
+        choices = {}
+        lines.append(f"  (could not compose the config: {_first_line(err)})")
+    for group, default in sorted(choices.items()):
+        if group.startswith("hydra/"):
+            continue
+        options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+        lines.append(f"  {group}: {' | '.join(options)}   (default: {default})")
+    lines += ["", "Any key can be set with KEY=VALUE (e.g. trainer.max_epochs=5); print the composed config with",
+              "--cfg job; run a sweep with -m KEY=A,B; Hydra's own options: --hydra-help."]
+    return "\n".join(lines)
 
 
 def plain(node) -> dict:
@@ -59,6 +263,10 @@ def certify_config(node):
     try:
         cfg = CertifyConfig(**plain(node))
         cfg.validate()
+        factors = cfg.grid_factors
+        if factors is not None and (not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
+            raise ConfigError(f"certify.grid_factors={factors} must be a non-empty list of factors > 0 "
+                              "(the levels are sigma * factor)")
     except TypeError as err:
         raise ConfigError(f"certify: {err}") from None
     except ValueError as err:
@@ -81,4 +289,100 @@ def report_certification(summary: dict, out_dir: Path) -> None:
     report.print_table([summary])
     report.plot_certified_accuracy([summary], Path(out_dir) / "certified_accuracy.png", envelope=False,
                                    title=summary.get("name"))
-    print(f"rows, summary and plot: {out_dir}")
+    log.info(f"rows, summary and plot: {out_dir}")
+
+
+def certification_grid(cert_cfg, base_sigma: float, trained_grid, source: str) -> list[float] | None:
+    """The levels sample-wise certification chooses from: ``certify.grid_factors`` when given, else the grid the
+    model was trained with. A sample-wise certification without any grid is refused here, before any work."""
+    from ssmooth.noise import sigma_grid
+
+    grid = list(trained_grid or []) or None
+    if cert_cfg.grid_factors is not None:
+        grid = sigma_grid(cert_cfg.sigma or base_sigma, cert_cfg.grid_factors)
+    if cert_cfg.policy == "samplewise" and not grid:
+        raise ConfigError(f"certify.policy=samplewise: {source} was trained at one level; give the grid with "
+                          "certify.grid_factors=[0.5,1.0,2.0]")
+    return grid
+
+
+def test_points(datamodule, cert_cfg):
+    """The certification subset of ``certify.split``; an empty or inverted one (start past the end, max not
+    above start) is a ConfigError naming the keys."""
+    from ssmooth.evaluate import certification_points
+
+    try:
+        points = certification_points(datamodule, cert_cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if len(points) == 0:
+        raise ConfigError(f"certify.split={cert_cfg.split} certify.start={cert_cfg.start} certify.max={cert_cfg.max} "
+                          f"certify.skip={cert_cfg.skip} selects no point")
+    return points
+
+
+def check_output_width(model, input_shape, num_classes: int, source: str) -> None:
+    """One forward pass on a blank input: a model whose output width is not the dataset's number of classes
+    would certify against the wrong classes, so it is refused before any work."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            width = model(torch.zeros(1, *input_shape)).shape[-1]
+    finally:
+        model.train(was_training)
+    if width != num_classes:
+        raise ConfigError(f"{source} outputs {width} classes but the dataset has num_classes={num_classes}")
+
+
+def config_differences(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key=requested (was saved)`` for every leaf that differs, skipping keys under ``ignore``.
+
+    A key the saved config does not have (added to the package after it was written) counts only when the
+    request sets it to something other than null or false: an option that did not exist was not in use."""
+    def leaves(node, prefix=""):
+        out = {}
+        for key, value in (node or {}).items():
+            if isinstance(value, dict) and value:
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = leaves(saved), leaves(requested)
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == i or key.startswith(f"{i}.") for i in ignore):
+            continue
+        if key not in old and new.get(key) in (None, False):
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            differences.append(f"{key}={new.get(key, '<absent>')} (was {old.get(key, '<absent>')})")
+    return differences
+
+
+def certification_note(out_dir: Path, total: int) -> str:
+    """What an interrupted certification kept: flushed rows per file, and how to resume."""
+    kept = []
+    for path in sorted(Path(out_dir).glob("certify*.tsv")):
+        text = path.read_text()
+        rows = max(text.count("\n") - 1, 0)  # a torn last line has no newline and is redone on resume
+        kept.append(f"{rows}/{total} rows in {path.name}")
+    what = ", ".join(kept) if kept else "no rows yet"
+    return f"certification stopped: kept {what} in {out_dir}; {rerun_hint(out_dir)} to resume"
+
+
+def rerun_hint(out_dir: Path) -> str:
+    """How to run the same command into the same folder (run folders are time-stamped by default)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return f"re-run the same command with hydra.sweep.dir={hydra_cfg.sweep.dir}"
+        return f"re-run the same command with hydra.run.dir={hydra_cfg.runtime.output_dir}"
+    except Exception:  # outside a Hydra app (called from Python)
+        return f"re-run with output_dir={out_dir}"

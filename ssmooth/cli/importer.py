@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> Path:
         model, meta = import_published(args.file, args.family, args.dataset, args.sigma, args.normalization)
     except ImportMismatch as err:
         raise ConfigError(str(err)) from None
-    out = write_checkpoint(args.out, model, meta)
+    try:
+        out = write_checkpoint(args.out, model, meta)
+    except OSError as err:  # an unwritable or missing parent folder: say which, without a traceback
+        raise ConfigError(f"--out {args.out}: cannot write ({err.strerror or err})") from None
     source = meta["imported"]
     norm = source["normalization"]
     print(f"wrote {out}: {source['family']} {meta['dataset']['name']} {meta['model']['name']} "

@@ -54,7 +54,7 @@ def _parse_label(text: str) -> tuple[str, str | None, Path]:
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status: 0, or 2 with a message on stderr (missing path, bad log, nothing found)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", type=Path, nargs="*", metavar="PATH",
                         help="run folders, sweep folders, published logs (TSV) or folders of logs")
     parser.add_argument("--label", action="append", default=[], metavar="NAME[@DATASET]=PATH",

@@ -7,6 +7,10 @@
   ssmooth-train trainer=ddp trainer.devices=4 trainer.num_nodes=2        # several GPUs / nodes
 
 Every setting is checked before training starts; a bad one exits with status 2 and one line naming it.
+A run folder is never overwritten with other settings: re-running the same command (same folder) skips a
+finished job and resumes an unfinished one from its last checkpoint; other settings are refused, naming the
+difference; ckpt_path=last with a larger trainer.max_epochs continues a finished run. Ctrl-C stops with one
+line saying what was kept.
 """
 from __future__ import annotations
 
@@ -14,16 +18,22 @@ import json
 import os
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssmooth.cli.common import (
-    CONFIG_DIR,
     ConfigError,
+    certification_grid,
+    certification_note,
     certify_config,
-    exit_on_config_error,
+    check_output_width,
+    config_differences,
+    console_main,
+    log,
+    on_interrupt,
     plain,
     report_certification,
+    rerun_hint,
+    test_points,
 )
 
 STAGES = ("pretrain", "finetune", "pipeline")
@@ -104,13 +114,20 @@ def build_datamodule(dataset_cfg: dict, seed: int):
 
     try:
         return SmoothingDataModule(**dataset_cfg, seed=seed)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"dataset: {err}") from None
+
+
+def load_data(datamodule) -> None:
+    """Read the splits now, so that a missing or malformed file (bad shape, NaN pixels) fails before training."""
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
     except ValueError as err:
         raise ConfigError(f"dataset: {err}") from None
 
 
-def build_loggers(logger_cfg: dict, output_dir: Path):
+def build_loggers(logger_cfg: dict, output_dir: Path, resume_epoch: int | None = None):
     from hydra.utils import instantiate
 
     loggers = []
@@ -122,29 +139,48 @@ def build_loggers(logger_cfg: dict, output_dir: Path):
             if options.get("offline") is None:
                 options["offline"] = wandb_offline_default()
             os.environ.setdefault("WANDB_SILENT", "true")
+        if options.get("_target_", "").endswith("ResumableCSVLogger"):
+            options["resume_epoch"] = resume_epoch  # keep the rows of the epochs the checkpoint holds
         try:
-            loggers.append(instantiate(options))
+            logger = instantiate(options)
         except Exception as err:
             raise ConfigError(f"logger.{name}: {_root_cause(err)}") from None
+        if name == "wandb":
+            # Lightning always passes wandb's deprecated `anonymous` setting, and wandb warns about it on every run.
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, loggers, callbacks):
+    import sys
+
     from hydra.utils import instantiate
 
+    extra = {}
+    if not sys.stderr.isatty():
+        # Written to a file (SLURM, a redirect): one line per epoch, not a bar redrawn into one huge line.
+        extra["enable_progress_bar"] = False
+    if not extra.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar")):
+        from ssmooth.lit.logging import epoch_line_callback
+
+        callbacks = [*callbacks, epoch_line_callback()]
     try:
         return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                           default_root_dir=str(output_dir))
+                           default_root_dir=str(output_dir), **extra)
     except Exception as err:
         raise ConfigError(f"trainer: {_root_cause(err)}") from None
 
 
 def checkpoint_meta(cfg: DictConfig, info, noise, model_cfg: dict) -> dict:
+    where = {k: v for k, v in plain(cfg.dataset).items() if k in ("source", "root", "npz_dir")}
+    # Absolute, so that certifying the checkpoint from another directory finds the same files.
+    where.update({k: str(Path(where[k]).resolve()) for k in ("root", "npz_dir") if where.get(k)})
     return {
         "name": cfg.name,
         "stage": cfg.stage,
         "dataset": {"name": info.name, "num_classes": info.num_classes, "input_shape": list(info.input_shape),
-                    **{k: v for k, v in plain(cfg.dataset).items() if k in ("source", "root", "npz_dir")}},
+                    **where},
         "model": model_cfg,
         "objective": cfg.objective.get("name", ""),
         "noise": {"kind": noise.kind, "sigma": float(noise.sigma), "grid": list(getattr(noise, "grid", []))},
@@ -153,22 +189,141 @@ def checkpoint_meta(cfg: DictConfig, info, noise, model_cfg: dict) -> dict:
     }
 
 
-def resolve_resume(ckpt_path, output_dir: Path):
-    if ckpt_path is None:
-        return None
-    if ckpt_path == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        # "last" with nothing to resume starts fresh: a re-run sweep job that never saved continues cleanly.
-        return str(last) if last.is_file() else None
+def resolve_resume(ckpt_path, output_dir: Path, action: str):
+    """The checkpoint training starts from: an explicit ckpt_path=PATH, else the folder's last.ckpt when the run
+    folder check says to resume or continue (ckpt_path=last with nothing saved yet starts fresh)."""
+    if ckpt_path is None or ckpt_path == "last":
+        return str(output_dir / "checkpoints" / "last.ckpt") if action in ("resume", "continue") else None
+    if Path(ckpt_path).is_dir():
+        raise ConfigError(f"ckpt_path={ckpt_path} is a folder, not a checkpoint{_checkpoints_in(ckpt_path)}")
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r}: no such checkpoint")
     return ckpt_path
 
 
+def _checkpoints_in(folder) -> str:
+    from ssmooth.lit.module import checkpoints_in
+
+    found = checkpoints_in(folder)
+    return f"; it holds {', '.join(found)}" if found else "; it holds no .ckpt file"
+
+
+# Keys that do not change what a run computes: where data and logs go, how progress is shown, the run's label,
+# and how certification splits its work (each point's noise comes from its own streams, so batch sizes, groups,
+# shards and memory layout give the same rows). A re-run that differs only in these is the same run.
+RESULT_NEUTRAL_KEYS = (
+    "name", "output_dir", "ckpt_path", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "dataset.num_workers", "dataset.root", "dataset.npz_dir", "dataset.download",
+    "certify.progress", "certify.batch_size", "certify.points_per_group", "certify.channels_last",
+    "certify.compile", "certify.overwrite", "certify.num_shards", "certify.shard", "certify.shard_dirs",
+    "certify.merge",
+)
+
+
+def check_run_folder(cfg: DictConfig, output_dir: Path) -> str:
+    """What a job may do in ``output_dir``, from the config saved there by an earlier job (``config.yaml``):
+
+    fresh     nothing ran there yet (or nothing was saved before it stopped);
+    skip      a finished run with the same settings (keys in RESULT_NEUTRAL_KEYS aside);
+    resume    an unfinished run with the same settings: continue from its last checkpoint;
+    continue  a run saved at fewer epochs, with ckpt_path=last and only a larger trainer.max_epochs.
+
+    Any other difference is refused with a ConfigError naming it; the folder is left as it is."""
+    saved_path = output_dir / "config.yaml"
+    finished = (output_dir / "summary.json").is_file()
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not saved_path.is_file():
+        if finished or last.is_file():
+            raise ConfigError(f"{output_dir} holds results but no config.yaml, so it cannot tell which settings "
+                              "produced them; use a new folder")
+        return "fresh"
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    requested = plain(cfg)
+    differences = config_differences(saved, requested, RESULT_NEUTRAL_KEYS)
+    if not differences:
+        if finished or (not cfg.certify.enabled and cfg.stage != "pipeline" and _training_done(last, cfg)):
+            return "skip"
+        return "resume" if last.is_file() else "fresh"
+    epochs = [d for d in differences if d.startswith("trainer.max_epochs=")]
+    more_epochs = bool(epochs) and requested["trainer"]["max_epochs"] > saved["trainer"]["max_epochs"]
+    if cfg.ckpt_path == "last" and more_epochs and len(differences) == 1 and last.is_file() \
+            and cfg.stage != "pipeline":
+        return "continue"
+    ways_out = "use a new folder"
+    if more_epochs and len(differences) == 1 and cfg.stage != "pipeline":
+        ways_out += f", or add ckpt_path=last to continue its training to {requested['trainer']['max_epochs']} epochs"
+    elif all(d.startswith("certify.") for d in differences) and last.is_file():
+        ways_out += f", or certify its model with: ssmooth-certify ckpt={last} certify.KEY=VALUE"
+    state = "a finished run" if finished else "a run"
+    raise ConfigError(f"{output_dir} already holds {state} with other settings: {'; '.join(differences)}. "
+                      f"{ways_out[0].upper()}{ways_out[1:]} (the folder is left as it is)")
+
+
+def _training_done(last: Path, cfg: DictConfig) -> bool:
+    if not last.is_file():
+        return False
+    import torch
+
+    return int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 >= cfg.trainer.max_epochs
+
+
+# What training keeps in its folder; everything else there is certification output (rows, summary, fingerprint,
+# per-rank parts, plots) of the model as it was when certified.
+TRAINING_ENTRIES = ("config.yaml", "checkpoints", "csv", "wandb", ".hydra", "cert_during_training")
+
+
+def set_aside_certification(output_dir: Path, epochs: int) -> Path | None:
+    """Before a finished run continues training, move its certification results (they describe the model of the
+    earlier epochs) into a subfolder, with the summary renamed so that sweep reports do not take it for a run."""
+    files = [p for p in output_dir.iterdir()
+             if p.name not in TRAINING_ENTRIES and p.suffix != ".log" and not p.name.startswith("certified_after_")]
+    if not files:
+        return None
+    earlier = output_dir / f"certified_after_{epochs}_epochs"
+    earlier.mkdir(exist_ok=False)
+    for path in files:
+        path.rename(earlier / ("summary_superseded.json" if path.name == "summary.json" else path.name))
+    return earlier
+
+
 def run(cfg: DictConfig) -> dict | None:
+    _announce_defaults(cfg)
+    _name_after_sweep(cfg)
     if cfg.stage == "pipeline":
         return run_pipeline(cfg)
     return train_and_certify(cfg)
+
+
+def _hydra_overrides() -> list[str] | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # called from Python, not from the console script
+        return None
+
+
+def _announce_defaults(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = _hydra_overrides()
+    if overrides is None or any(o.lstrip("+~").split("=")[0] == "experiment" for o in overrides):
+        return
+    if HydraConfig.get().job.get("num", 0):  # said once, by a sweep's first job
+        return
+    if cfg.get("name") == "demo":
+        log.info("No experiment= given: running the demo (experiment=demo: 8x8 digits, an MLP, sigma 0.25). Pick a "
+                 "recipe with experiment=NAME, or ~experiment for the plain config groups.")
+
+
+def _name_after_sweep(cfg: DictConfig) -> None:
+    # A sweep job's name shows its swept values ("demo noise.sigma=0.5"), so that table rows and legends differ.
+    from ssmooth.cli.common import swept_values
+
+    swept = swept_values(_hydra_overrides())
+    if swept:
+        with open_dict(cfg):
+            cfg.name = f"{cfg.name} {swept.replace(',', ' ')}"
 
 
 def run_pipeline(cfg: DictConfig) -> dict | None:
@@ -183,6 +338,11 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
         raise ConfigError(f"stage=pipeline needs noise=samplewise (the finetuning levels), got noise.kind={cfg.noise.kind}")
     certify_config(cfg.certify)  # fail before the first stage, not after it
     out = Path(cfg.output_dir)
+    # The whole pipeline's settings must match an earlier run in this folder; each stage then skips or resumes.
+    check_run_folder(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.yaml").is_file():
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pipeline = cfg.pipeline
     constant_noise = {"kind": "constant", "sigma": cfg.noise.sigma}
 
@@ -212,7 +372,7 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
         # The stages side by side: pretrained, constant finetune, and the sample-wise model's variants.
         report.print_table(report.load_summaries(out), radii=radii,
                            title=f"{cfg.name}: certified accuracy (%) at l2 radius r")
-        print(f"report: {paths['markdown']}  plot: {paths['plot']}")
+        log.info(f"report: {paths['markdown']}  plot: {paths['plot']}")
     return summaries.get("finetune_samplewise")
 
 
@@ -220,24 +380,19 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from ssmooth.certify.runfolder import RunFolderError
     from ssmooth.evaluate import certify_on_ranks
     from ssmooth.lit.module import SmoothingModule, load_checkpoint, model_state
 
     output_dir = Path(cfg.output_dir)
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage!r} must be one of {STAGES}")
-    summary_path = output_dir / "summary.json"
-    if summary_path.is_file():
-        # Re-running a sweep into the same folder skips the jobs that already finished.
-        print(f"{output_dir}: already finished (summary.json exists), skipping")
-        return json.loads(summary_path.read_text())
 
     # Validate and build everything before any training starts.
     cert_cfg = certify_config(cfg.certify)
     datamodule = build_datamodule(plain(cfg.dataset), cfg.seed)
     info = datamodule.info
     pretrained = None
-    model_cfg = plain(cfg.model)
     if cfg.stage == "finetune":
         if cfg.pretrained is None:
             raise ConfigError("stage=finetune needs pretrained=PATH (a checkpoint of stage pretrain)")
@@ -248,12 +403,25 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         if pretrained_meta["dataset"]["name"] != info.name:
             raise ConfigError(f"pretrained={cfg.pretrained} was trained on {pretrained_meta['dataset']['name']}, "
                               f"not dataset={info.name}")
-        model_cfg = pretrained_meta["model"]  # the architecture comes from the checkpoint
+        if pretrained_meta["model"] != plain(cfg.model):
+            log.info(f"model: {pretrained_meta['model']['name']}, as in pretrained={cfg.pretrained}")
+        with open_dict(cfg):  # the architecture comes from the checkpoint: the saved config says so
+            cfg.model = OmegaConf.create(pretrained_meta["model"])
         pretrained = pretrained_state
-    L.seed_everything(cfg.seed, workers=True)  # before the model, so the seed decides the initial weights
+    model_cfg = plain(cfg.model)
+
+    action = check_run_folder(cfg, output_dir)
+    if action == "skip":
+        # Re-running a sweep into the same folder skips the jobs that already finished with the same settings.
+        log.info(f"{output_dir}: already finished with the same settings, skipping")
+        summary_path = output_dir / "summary.json"
+        return json.loads(summary_path.read_text()) if summary_path.is_file() else None
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model: the seed decides the weights
     model = build_model(model_cfg, info)
     if pretrained is not None:
         model.load_state_dict(model_state(pretrained))
+    check_output_width(model, info.input_shape, info.num_classes, f"model={model_cfg['name']}")
     objective = build_objective(plain(cfg.objective), cfg.attack)
     from hydra.utils import instantiate
 
@@ -266,10 +434,14 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
             scheduler(optimizer=probe)
     except Exception as err:
         raise ConfigError(f"optim: {_root_cause(err)}") from None
-    datamodule.prepare_data()
-    datamodule.setup("fit")  # a missing dataset fails here, before training
+    load_data(datamodule)
     # The table is indexed by dataset index, which may exceed the subset's length.
     noise = build_noise(plain(cfg.noise), int(datamodule.train_set.indices.max()) + 1)
+    points = grid = None
+    if cert_cfg.enabled:
+        points = test_points(datamodule, cert_cfg)
+        grid = certification_grid(cert_cfg, noise.sigma, getattr(noise, "grid", None),
+                                  f"the model (noise.kind={noise.kind})")
     meta = checkpoint_meta(cfg, info, noise, model_cfg)
 
     if noise.kind == "samplewise":
@@ -289,29 +461,49 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     except Exception as err:
         raise ConfigError(f"callbacks: {_root_cause(err)}") from None
-    loggers = build_loggers(plain(cfg.logger), output_dir)
+    ckpt_path = resolve_resume(cfg.ckpt_path, output_dir, action)
+    resume_epoch = _checkpoint_epoch(ckpt_path) if ckpt_path else None
+    loggers = build_loggers(plain(cfg.logger), output_dir, resume_epoch)
     trainer = build_trainer(cfg, output_dir, loggers, callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if action == "continue":
+        saved_epochs = OmegaConf.load(output_dir / "config.yaml").trainer.max_epochs
+        earlier = set_aside_certification(output_dir, saved_epochs)
+        log.info(f"continuing {output_dir} from epoch {resume_epoch + 1} to {cfg.trainer.max_epochs}"
+                 + (f"; the certification of the {saved_epochs}-epoch model is kept in {earlier}" if earlier else ""))
+    elif action == "resume":
+        log.info(f"resuming {output_dir} from its last checkpoint ({resume_epoch + 1} of "
+                 f"{cfg.trainer.max_epochs} epochs done)")
+    # Written only now, when these settings run in this folder (the check above refused any others).
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     for logger in loggers:
         logger.log_hyperparams(plain(cfg))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.ckpt_path, output_dir))
+        with on_interrupt(lambda: _training_note(output_dir, trainer)):
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            except SystemExit:
+                if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its own cleanup
+                    raise KeyboardInterrupt from None
+                raise
         if not cert_cfg.enabled:
             return None
-        points = datamodule.test_points(cert_cfg.skip, cert_cfg.max, cert_cfg.start)
-        grid = getattr(noise, "grid", None)  # used only when the certify policy is sample-wise
         # Under DDP every rank certifies its share of the points; rank 0 merges, allocates and summarizes.
         # (ddp_fork/ddp_spawn run only fit in their processes: here the launching process is alone.)
         import torch.distributed as dist
 
         ranks = dist.is_available() and dist.is_initialized()
-        summary = certify_on_ranks(module.model, points, output_dir, cert_cfg,
-                                   rank=trainer.global_rank if ranks else 0,
-                                   world_size=trainer.world_size if ranks else 1, barrier=trainer.strategy.barrier,
-                                   num_classes=info.num_classes, base_sigma=noise.sigma, grid=grid,
-                                   dataset=info.name, meta=meta, device=trainer.strategy.root_device)
+        with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
+            try:  # the trained weights are fingerprinted by their state_dict
+                summary = certify_on_ranks(module.model, points, output_dir, cert_cfg,
+                                           rank=trainer.global_rank if ranks else 0,
+                                           world_size=trainer.world_size if ranks else 1,
+                                           barrier=trainer.strategy.barrier, num_classes=info.num_classes,
+                                           base_sigma=noise.sigma, grid=grid, dataset=info.name, meta=meta,
+                                           device=trainer.strategy.root_device)
+            except RunFolderError as err:
+                raise ConfigError(str(err)) from None
         if not trainer.is_global_zero:
             return None
         report_certification(summary, output_dir)
@@ -323,6 +515,21 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         _finish_wandb(loggers)
 
 
+def _checkpoint_epoch(path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+
+
+def _training_note(output_dir: Path, trainer) -> str:
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return f"training stopped in its first epoch; no checkpoint was saved in {output_dir}"
+    done = _checkpoint_epoch(last) + 1
+    return (f"training stopped in epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; kept {last} "
+            f"({done} epochs done); {rerun_hint(output_dir)} to resume")
+
+
 def _finish_wandb(loggers) -> None:
     # One wandb run per Hydra job: finish it even when the job fails, or the next sweep job logs into it.
     from lightning.pytorch.loggers import WandbLogger
@@ -330,13 +537,15 @@ def _finish_wandb(loggers) -> None:
     if any(isinstance(logger, WandbLogger) for logger in loggers):
         import wandb
 
+        from ssmooth.lit.logging import offline_wandb_note
+
+        note = offline_wandb_note(loggers)
         wandb.finish()
+        if note:
+            log.info(note)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-@exit_on_config_error
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = console_main("train", run, __doc__)
 
 
 if __name__ == "__main__":

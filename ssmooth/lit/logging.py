@@ -1,8 +1,15 @@
-"""Logging glue: wandb defaults that never prompt, and certification results as logger metrics."""
+"""Logging glue: wandb defaults that never prompt, certification results as logger metrics, CSV metrics that survive
+a resume, and one line per epoch where a progress bar cannot be drawn."""
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from typing_extensions import override
 
 
 def wandb_offline_default() -> bool:
@@ -48,3 +55,83 @@ def log_certification(loggers, summary: dict, step: int, plot_path=None) -> None
         if plot_path is not None:
             payload["final/plot"] = wandb.Image(str(plot_path))
         logger.experiment.log(payload)
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; this one, when resuming from the end of
+    epoch ``resume_epoch``, keeps the rows up to that epoch (later ones are logged again by the resumed run) and
+    appends to them."""
+
+    def __init__(self, log_dir: str, resume_epoch: int | None) -> None:
+        self.resume_epoch = resume_epoch
+        super().__init__(log_dir=log_dir)
+
+    @override
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if self.resume_epoch is None or not path.is_file():
+            super()._check_log_dir_exists()
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if not r.get("epoch") or float(r["epoch"]) <= self.resume_epoch]
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = keys  # a new key rewrites the header and keeps these rows
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a run resumed from a checkpoint keeps the metrics of its earlier epochs
+    (``resume_epoch``: the epoch the checkpoint was saved at; None starts a new metrics.csv)."""
+
+    def __init__(self, *args, resume_epoch: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_epoch = resume_epoch
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            Path(self.root_dir).mkdir(parents=True, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, self.resume_epoch)
+        return self._experiment
+
+
+def offline_wandb_note(loggers) -> str | None:
+    """Where an offline wandb run was written and the command that uploads it (None when wandb ran online)."""
+    for logger in loggers:
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        run = logger._experiment
+        if run is None or not getattr(run, "settings", None) or not run.settings._offline:
+            return None
+        folder = Path(run.dir).parent  # <save_dir>/wandb/offline-run-<time>-<id>/files
+        return f"wandb: offline run in {folder}; upload it with: wandb sync {folder}"
+    return None
+
+
+def epoch_line_callback():
+    """One log line per epoch with the epoch's metrics: what a log file (SLURM) gets instead of a progress bar,
+    whose carriage returns would make one very long line."""
+    import time
+
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochLine(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.began = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            import logging
+
+            metrics = " ".join(f"{k} {float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items())
+                               if k.startswith(("train/", "val/")))
+            logging.getLogger("ssmooth").info(
+                f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {metrics} "
+                f"({time.perf_counter() - getattr(self, 'began', time.perf_counter()):.0f} s)")
+
+    return EpochLine()

@@ -89,6 +89,10 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     from pathlib import Path
 
     path = Path(path)
+    if path.is_dir():
+        found = checkpoints_in(path)
+        holds = f"; it holds {', '.join(found)}" if found else "; it holds no .ckpt file"
+        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file{holds}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -98,6 +102,17 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     if not isinstance(ckpt, dict) or "ssmooth" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"checkpoint {path} is not an ssmooth checkpoint (no 'ssmooth' metadata)")
     return ckpt["ssmooth"], ckpt["state_dict"]
+
+
+def checkpoints_in(folder, limit: int = 5) -> list[str]:
+    """The ``.ckpt`` files in ``folder``, in its ``checkpoints/`` (a run folder) or in its stages' ``checkpoints/``
+    (a pipeline folder), last.ckpt first. Never a deep search: the folder may be large."""
+    from pathlib import Path
+
+    found = [p for pattern in ("*.ckpt", "checkpoints/*.ckpt", "*/checkpoints/*.ckpt") for p in Path(folder).glob(pattern)]
+    found.sort(key=lambda p: (p.name != "last.ckpt", str(p)))
+    names = [str(p) for p in found[:limit]]
+    return names + [f"... ({len(found) - limit} more)"] if len(found) > limit else names
 
 
 def model_state(state_dict: dict) -> dict:

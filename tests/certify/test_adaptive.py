@@ -128,3 +128,27 @@ def test_bad_arguments_are_rejected(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         certify_adaptive(Threshold(), torch.zeros(2, 1), 1.0, **args)
+
+
+def test_certify_model_with_adaptive_sampling_writes_samples_and_counts_forward_passes(tmp_path):
+    from ssmooth.certify.results import read_rows
+    from ssmooth.evaluate import CertifyConfig, certify_model
+
+    # margins from 0.05 to 2: sizes differ from point to point; labels are the true classes
+    margins = torch.linspace(0.05, 2.0, 24)
+    points = [(torch.tensor([float(m)]), 1, i) for i, m in enumerate(margins)]
+    common = dict(n0=50, n=4000, alpha=0.01, batch_size=200_000, radii=[0.0, 0.5], progress=False,
+                  channels_last=False)
+    fixed = certify_model(Threshold(), points, tmp_path / "fixed", CertifyConfig(**common), num_classes=2,
+                          base_sigma=1.0)
+    adaptive = certify_model(Threshold(), points, tmp_path / "adaptive",
+                             CertifyConfig(**common, sampling="adaptive", max_radius_loss=0.1), num_classes=2,
+                             base_sigma=1.0)
+    rows = read_rows(tmp_path / "adaptive" / "certify.tsv")
+    assert (read_rows(tmp_path / "fixed" / "certify.tsv")["samples"] == 4050).all()
+    assert fixed["forward_passes"] == 24 * 4050
+    assert adaptive["forward_passes"] == int(rows["samples"].sum()) < fixed["forward_passes"] / 2
+    assert rows["samples"].nunique() >= 2 and rows["samples"].max() <= 4050
+    assert adaptive["sampling"] == "adaptive" and adaptive["max_radius_loss"] == 0.1
+    with pytest.raises(ValueError, match="certify.sampling='sometimes'"):
+        CertifyConfig(sampling="sometimes").validate()

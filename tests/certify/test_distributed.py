@@ -11,8 +11,7 @@ from torch import nn
 
 from ssmooth.certify.distributed import MergeError, part_positions, read_record
 from ssmooth.data import IndexedDataset
-from ssmooth.evaluate import CertifyConfig, certify_model, certify_on_ranks, certify_part, merge_and_summarize
-from ssmooth.evaluate import rows_fingerprint
+from ssmooth.evaluate import CertifyConfig, certify_model, certify_on_ranks, certify_part
 
 GRID = [0.125, 0.25, 0.5]
 COLUMNS = ["idx", "predict", "radius", "sigma"]
@@ -74,10 +73,8 @@ def in_shards(net, data, out, cfg, num_shards=2):
     dirs = [out / f"shard{k}" for k in range(num_shards)]
     for k, folder in enumerate(dirs):
         shard_cfg = CertifyConfig(**{**cfg.__dict__, "num_shards": num_shards, "shard": k})
-        fp = rows_fingerprint(net, data, shard_cfg, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
-        certify_part(net, data, folder, shard_cfg, part=k, num_parts=num_shards, fp=fp, **KW)
-    fp = rows_fingerprint(net, data, cfg, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
-    return merge_and_summarize(net, data, out / "merged", cfg, dirs, fp=fp, **KW), dirs
+        certify_part(net, data, folder, shard_cfg, part=k, num_parts=num_shards, **KW)
+    return certify_model(net, data, out / "merged", cfg, merge_from=dirs, **KW), dirs
 
 
 def resumed(net, data, out, cfg):
@@ -125,10 +122,9 @@ def test_parts_take_every_position_once():
 def test_merge_refuses_a_missing_foreign_incomplete_or_tampered_shard(tmp_path):
     net, data, cfg = model(), points(7), config(policy="constant")
     _, dirs = in_shards(net, data, tmp_path, cfg, num_shards=3)
-    fp = rows_fingerprint(net, data, cfg, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
 
-    def merge(folders, settings=cfg, fingerprint=fp):
-        return merge_and_summarize(net, data, tmp_path / "out", settings, folders, fp=fingerprint, **KW)
+    def merge(folders, settings=cfg, weights=net):
+        return certify_model(weights, data, tmp_path / "out", settings, merge_from=folders, **KW)
 
     with pytest.raises(MergeError, match=r"part\(s\) \[2\] of 3 missing"):
         merge(dirs[:2])
@@ -137,15 +133,13 @@ def test_merge_refuses_a_missing_foreign_incomplete_or_tampered_shard(tmp_path):
     with pytest.raises(MergeError, match="no part.json"):
         merge([*dirs[:2], tmp_path / "nowhere"])
     other = config(policy="constant", seed=1)
-    other_fp = rows_fingerprint(net, data, other, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
     with pytest.raises(MergeError, match=r"shard0 was certified with seed=0, this run has seed=1"):
-        merge(dirs, other, other_fp)
+        merge(dirs, other)
     retrained = model()
     with torch.no_grad():
         retrained[1].bias.add_(0.01)
-    foreign = rows_fingerprint(retrained, data, cfg, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
     with pytest.raises(MergeError, match="checkpoint_sha256"):
-        merge(dirs, cfg, foreign)
+        merge(dirs, cfg, retrained)
     # an incomplete shard: a job killed before its last row
     record = read_record(dirs[2])
     (dirs[2] / "part.json").write_text(json.dumps({**record, "complete": False}))
@@ -164,19 +158,17 @@ def test_merge_refuses_a_missing_foreign_incomplete_or_tampered_shard(tmp_path):
 def test_a_shard_resumed_with_other_settings_is_refused(tmp_path):
     net, data = model(), points(5)
     cfg = config(policy="constant", num_shards=2, shard=0)
-    fp = rows_fingerprint(net, data, cfg, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
-    certify_part(net, data, tmp_path, cfg, part=0, num_parts=2, fp=fp, **KW)
+    certify_part(net, data, tmp_path, cfg, part=0, num_parts=2, **KW)
     assert read_record(tmp_path)["indices"] == [200, 206, 212]
     finished = (tmp_path / "certify.tsv").read_text()
     # killed after its first row: the record says incomplete, the second row is torn
     record = read_record(tmp_path)
     (tmp_path / "part.json").write_text(json.dumps({**record, "complete": False}))
     (tmp_path / "certify.tsv").write_text("".join(finished.splitlines(keepends=True)[:2]) + "206\t1")
-    certify_part(net, data, tmp_path, cfg, part=0, num_parts=2, fp=fp, **KW)
+    certify_part(net, data, tmp_path, cfg, part=0, num_parts=2, **KW)
     assert read_record(tmp_path)["complete"]
     resumed = pd.read_csv(tmp_path / "certify.tsv", sep="\t")[COLUMNS]
     assert resumed.equals(pd.read_csv(io.StringIO(finished), sep="\t")[COLUMNS])
     changed = config(policy="constant", num_shards=2, shard=0, n=400)
-    fp2 = rows_fingerprint(net, data, changed, base_sigma=0.25, grid=GRID, dataset="toy", device="cpu")
     with pytest.raises(MergeError, match="n=300"):
-        certify_part(net, data, tmp_path, changed, part=0, num_parts=2, fp=fp2, **KW)
+        certify_part(net, data, tmp_path, changed, part=0, num_parts=2, **KW)
