@@ -319,7 +319,9 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
     extra: dict = {}
     if per_level:
         by_sigma = {level: _requested_rows(path, requested) for level, path in per_level.items()}
-        variants["constant_best"] = kinds.best_constant(by_sigma, radii)
+        # choosing the best level took every level's certification
+        variants["constant_best"] = {**kinds.best_constant(by_sigma, radii),
+                                     "forward_passes": sum(int(rows["samples"].sum()) for rows in by_sigma.values())}
         forward_passes += sum(int(rows["samples"].sum()) for level, rows in by_sigma.items() if level != sigma0)
 
     if samplewise:
@@ -355,7 +357,9 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
                      "num_dropped_duplicates": allocation.num_dropped,
                      # NaN when no point was certified: null keeps summary.json strict JSON
                      "mean_r_over_R": None if np.isnan(allocation.mean_ratio) else allocation.mean_ratio}
-            variants[f"samplewise_{rule}"] = kinds.transductive(rule).entry(rows, radii, allocation=rule, **stats)
+            # the allocation draws nothing: the certificate cost what the per-point levels and radii cost
+            variants[f"samplewise_{rule}"] = kinds.transductive(rule).entry(rows, radii, allocation=rule,
+                                                                            forward_passes=passes, **stats)
             if rule == cfg.allocation and cfg.policy == "samplewise":
                 write_rows(rows[list(SAMPLEWISE_ROW_COLUMNS)], out / "certify.tsv")
         main = f"samplewise_{cfg.allocation}"

@@ -431,8 +431,8 @@ def _method(summary: Mapping) -> str:
 def _sigma(summary: Mapping, variant_name: str, variant: Mapping) -> str:
     """The noise level as text: one sigma, or the range of per-point levels."""
     sigma = variant.get("sigma", summary.get("sigma"))
-    if _kind(variant_name, variant) != "constant" and summary.get("grid"):
-        grid = summary["grid"]
+    grid = variant.get("grid") or summary.get("grid")
+    if "sigma" not in variant and _kind(variant_name, variant) != "constant" and grid:
         return f"{min(grid):g}-{max(grid):g} per point"
     return "" if sigma is None else f"{float(sigma):g}"
 
@@ -525,9 +525,10 @@ class _Curve:
         return [_grid_value(self.summary, self.variant, float(r)) for r in radii]
 
     def forward_passes(self) -> float | None:
-        for source in (self.variant, self.summary):
-            if source.get("forward_passes") is not None:
-                return float(source["forward_passes"])
+        """What this curve cost: the variant's own count, else its rows' (never the whole run's total, which
+        would charge one variant for all of them)."""
+        if self.variant.get("forward_passes") is not None:
+            return float(self.variant["forward_passes"])
         if self.rows is not None and "samples" in self.rows:
             return float(self.rows["samples"].sum())
         return None
