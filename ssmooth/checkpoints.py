@@ -29,13 +29,14 @@ normalization recorded under ``meta["imported"]``.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ssmooth.certify.runfolder import file_sha256
 
 FAMILIES = ("cohen", "smoothadv", "consistency", "macer")
 NORMALIZATIONS = ("mean_std", "mean_only", "none")
@@ -187,14 +188,6 @@ def _load_network(body: nn.Module, state: dict[str, torch.Tensor], published: Ca
     body.load_state_dict({our_key: state[theirs] for theirs, our_key in theirs_for.items()})
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def import_published(
     path: str | Path, family: str, dataset: str, sigma: float, normalization: str | None = None
 ) -> tuple[nn.Module, dict]:
@@ -255,7 +248,7 @@ def import_published(
         "noise": {"kind": "constant", "sigma": float(sigma), "grid": []},
         "seed": 0,
         "imported": {
-            "source": str(path.resolve()), "sha256": _sha256(path), "family": family, "layout": layout,
+            "source": str(path.resolve()), "sha256": file_sha256(path), "family": family, "layout": layout,
             "arch": arch, "epoch": content.get("epoch"), "key_prefix": prefix,
             "normalization": {"kind": normalization, "mean": list(mean), "std": list(std)},
         },

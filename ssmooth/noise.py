@@ -30,7 +30,7 @@ class ConstantSigma(nn.Module):
 
 
 class SampleWiseSigma(nn.Module):
-    """A noise level per training sample, chosen from a discrete ``grid`` (SPEC section 3 B).
+    """A noise level per training sample, chosen from a discrete ``grid``.
 
     The table is a buffer, so it is saved in checkpoints with the model and restored on resume. Entries start
     at ``sigma`` (the base level) until the first selection writes them.
@@ -68,7 +68,7 @@ class SampleWiseSigma(nn.Module):
 
 
 def sigma_grid(sigma: float, factors: Sequence[float]) -> list[float]:
-    """The candidate levels ``sigma * factor`` (SPEC section 3 B), sorted and de-duplicated."""
+    """The candidate levels ``sigma * factor``, sorted and de-duplicated."""
     if not factors:
         raise ValueError("noise.grid_factors must not be empty")
     if min(factors) <= 0:

@@ -1,4 +1,4 @@
-"""Choosing a noise level per sample from a discrete grid (SPEC section 3, stages B and D).
+"""Choosing a noise level per sample from a discrete grid (stages B and D of the method, docs/METHOD.md).
 
 For each candidate level s, p_c(x; s) is estimated from `num_samples` draws of f(x + s * eps), and the level
 scores `s * Phi^-1(clip(p_c))` when the smoothed model is right at s (its top class is c), -inf otherwise:

@@ -30,7 +30,7 @@ from ssmooth.lit.logging import certification_metrics
 
 class CertificationCallback(Callback):
     """CERTIFY ``num_points`` test points at the module's base level ``pl_module.noise.sigma`` after every
-    ``every_n_epochs``-th training epoch, with ``n0``/``n``/``alpha`` (Cohen et al.'s CERTIFY, SPEC section 1).
+    ``every_n_epochs``-th training epoch, with ``n0``/``n``/``alpha`` (Cohen et al.'s CERTIFY).
 
     The subset is every k-th test item, ``k = len(test) // num_points``, the first ``num_points`` of them: fixed
     for the whole run, so successive epochs are comparable. The noise seed is fixed too (``seed``), and each

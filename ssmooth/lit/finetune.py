@@ -1,4 +1,4 @@
-"""Stages B-C of the method: finetune with a noise level per training sample (SPEC section 3)."""
+"""Stages B-C of the method: finetune with a noise level per training sample (docs/METHOD.md)."""
 from __future__ import annotations
 
 import copy
