@@ -320,7 +320,8 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
     if per_level:
         by_sigma = {level: _requested_rows(path, requested) for level, path in per_level.items()}
         # choosing the best level took every level's certification
-        variants["constant_best"] = {**kinds.best_constant(by_sigma, radii),
+        best = kinds.best_constant(by_sigma, radii)
+        variants["constant_best"] = {**best, "rows_file": per_level[best["sigma"]].name,
                                      "forward_passes": sum(int(rows["samples"].sum()) for rows in by_sigma.values())}
         forward_passes += sum(int(rows["samples"].sum()) for level, rows in by_sigma.items() if level != sigma0)
 

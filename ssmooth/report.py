@@ -474,7 +474,9 @@ def _variant_rows(summary: Mapping, variant_name: str, variant: Mapping) -> pd.D
         return None
     run_dir = Path(summary["path"])
     short = variant_name.removeprefix("samplewise_")
-    names = dict.fromkeys([f"certify_{variant_name}.tsv", f"certify_{short}.tsv"]
+    # a variant may name its file (e.g. the best single level's rows live in that level's file)
+    names = dict.fromkeys(([variant["rows_file"]] if variant.get("rows_file") else [])
+                          + [f"certify_{variant_name}.tsv", f"certify_{short}.tsv"]
                           + (["certify.tsv"] if variant_name == _variants(summary)[0][0] else []))
     candidates = [run_dir / n for n in names if (run_dir / n).is_file()]
     for path in candidates:
@@ -917,10 +919,13 @@ def plot_certified_accuracy(summaries, path, envelope: bool = True, title: str |
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
-    if drawn:
-        outside = len(drawn) > 6  # a long legend would hide the curves
-        ax.legend(fontsize="small", loc="upper left" if outside else "upper right",
-                  bbox_to_anchor=(1.01, 1.0) if outside else None)
+    if len(drawn) > 6:
+        # A long legend would hide the curves, or squeeze the axes beside it: it goes under them, one entry a
+        # line, and the figure grows to hold it.
+        fig.set_size_inches(7.5, 4.6 + 0.2 * (len(drawn) + 1))
+        fig.legend(fontsize="small", loc="outside lower center")
+    elif drawn:
+        ax.legend(fontsize="small", loc="upper right")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pdf = path.with_suffix(".pdf")
