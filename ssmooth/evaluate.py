@@ -371,7 +371,9 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
     if selector is not None:
         rows = _requested_rows(inductive_path, requested)
         variants["inductive"] = kinds.INDUCTIVE.entry(rows, radii, sigma_e=float(sigma_e),
+                                                      forward_passes=int(rows["samples"].sum()),
                                                       **kinds.inductive_details(rows, selector_grid))
+        forward_passes += variants["inductive"]["forward_passes"]
         if cfg.policy == "inductive":
             main = "inductive"
 

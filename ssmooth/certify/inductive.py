@@ -48,6 +48,7 @@ class InductiveCertificate:
     prediction: torch.Tensor  # long, c
     radius_classifier: torch.Tensor  # float, R_c
     radius: torch.Tensor  # float, min(R_s, R_c)
+    samples: torch.Tensor | None = None  # long, forward passes per point: the selector's and the classifier's
 
     @property
     def selector_limits(self) -> torch.Tensor:
@@ -119,6 +120,7 @@ def certify_inductive(
     prediction = torch.full((num_points,), ABSTAIN, dtype=torch.long)
     radius_classifier = torch.zeros(num_points, dtype=torch.float64)
     sigma = torch.zeros(num_points)
+    samples = _samples(chosen, num_points, (selector_n0 or n0) + (selector_n or n))
     ok = chosen.prediction != ABSTAIN
     if bool(ok.any()):
         sigma[ok] = levels[chosen.prediction[ok]]
@@ -130,10 +132,19 @@ def certify_inductive(
                    num_classes=num_classes, **noise, **options)
         prediction[ok] = cert.prediction
         radius_classifier[ok] = cert.radius
+        samples[ok] += _samples(cert, int(ok.sum()), n0 + n)
     radius_selector = chosen.radius.to(torch.float64)
     radius = torch.where(prediction != ABSTAIN, torch.minimum(radius_selector, radius_classifier), 0.0)
     return InductiveCertificate(level=chosen.prediction, sigma=sigma, radius_selector=radius_selector,
-                                prediction=prediction, radius_classifier=radius_classifier, radius=radius)
+                                prediction=prediction, radius_classifier=radius_classifier, radius=radius,
+                                samples=samples)
+
+
+def _samples(cert, num_points: int, fixed: int) -> torch.Tensor:
+    """Forward passes per point of one CERTIFY call: its own count (adaptive sampling), else n0 + n."""
+    if cert.samples is not None:
+        return cert.samples.to(torch.long).clone()
+    return torch.full((num_points,), fixed, dtype=torch.long)
 
 
 def predict_inductive(
@@ -174,7 +185,7 @@ def predict_inductive(
 
 
 # Rows of the inductive certificate: the usual columns, then the chosen grid index and both radii.
-INDUCTIVE_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "time",
+INDUCTIVE_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "time", "samples",
                      "level", "radius_selector", "radius_classifier")
 
 
@@ -222,7 +233,7 @@ def certify_points_inductive(
             pred, label = int(cert.prediction[k]), int(item[1])
             rows.append({"idx": idx, "label": label, "predict": pred, "radius": float(cert.radius[k]),
                          "correct": int(pred == label), "sigma": float(cert.sigma[k]), "time": round(elapsed, 4),
-                         "level": int(cert.level[k]), "radius_selector": float(cert.radius_selector[k]),
+                         "samples": int(cert.samples[k]), "level": int(cert.level[k]), "radius_selector": float(cert.radius_selector[k]),
                          "radius_classifier": float(cert.radius_classifier[k])})
         writer.write(rows)
         if progress is not None:

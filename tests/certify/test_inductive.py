@@ -51,6 +51,7 @@ def test_a_constant_selector_gives_exactly_cohens_certificate_at_half_alpha():
         r_s = max(GRID) * norm.ppf((alpha / 2) ** (1 / n))
         torch.testing.assert_close(got.radius_selector, torch.full((len(x),), r_s, dtype=torch.float64))
         assert not bool(got.selector_limits.any())
+        assert got.samples.tolist() == [2 * (n0 + n)] * len(x)  # the selector's draws and the classifier's
         assert got.prediction.tolist()[:2] == [1, 0]
         assert got.prediction[3] == ABSTAIN and got.radius[3] == 0  # on the boundary: a tie, abstain
 
