@@ -27,7 +27,7 @@ from ssmooth.certify.allocation import allocate, verify_allocation
 from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
 from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, certify_points_inductive
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
-from ssmooth.certify.run import certify_points
+from ssmooth.certify.run import certify_points, dataset_indices
 from ssmooth.certify.runfolder import fingerprint, open_run_folder, state_dict_sha256
 from ssmooth.certify.stats import require_useful_sample_size
 
@@ -159,7 +159,7 @@ def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, datas
     labels = points.labels if hasattr(points, "labels") else [points[i][1] for i in range(len(points))]
     fp = fingerprint(
         checkpoint_sha256=checkpoint_sha256, dataset=dataset, split=cfg.split,
-        subset={"skip": cfg.skip, "max": cfg.max, "start": cfg.start}, indices=_indices(points),
+        subset={"skip": cfg.skip, "max": cfg.max, "start": cfg.start}, indices=dataset_indices(points),
         labels=[int(y) for y in labels], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=cfg.policy, sigma=sigma,
         grid=sorted(float(s) for s in grid) if samplewise and grid else None, selection=selection, seed=cfg.seed,
         autocast=cfg.autocast,
@@ -173,12 +173,6 @@ def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, datas
         fp["selector"] = {"sha256": state_dict_sha256(h_e), "grid": [float(s) for s in selector_grid],
                           "sigma_e": float(sigma_e)}
     return fp
-
-
-def _indices(points) -> list[int]:
-    if hasattr(points, "indices"):
-        return [int(i) for i in points.indices]
-    return [int(points[i][2]) for i in range(len(points))]
 
 
 def certify_model(
@@ -215,16 +209,14 @@ def certify_model(
     allocation, returning ``{"files": [row files]}``; with ``merge_from`` (the part folders) it first merges
     their rows into ``out_dir``, under its lock, so nothing is certified again. ``bar``: extra tqdm settings.
     """
-    cfg = _resolved(cfg, grid, selector)
+    cfg, sigma0, fp = _settled(model, points, cfg, base_sigma=base_sigma, grid=grid, dataset=dataset,
+                               checkpoint_sha256=checkpoint_sha256, selector=selector)
     out = Path(out_dir)
-    sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
-    fp = run_fingerprint(cfg, points, dataset=dataset, sigma=sigma0, grid=grid,
-                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model), selector=selector)
     if merge_from is not None:  # a bad part is refused before this folder is touched
-        merge_parts(merge_from, None, fp, _indices(points))
+        merge_parts(merge_from, None, fp, dataset_indices(points))
     with open_run_folder(out, fp, overwrite=cfg.overwrite):
         if merge_from is not None:
-            merge_parts(merge_from, out, fp, _indices(points))
+            merge_parts(merge_from, out, fp, dataset_indices(points))
         try:
             return _certify_locked(model, points, out, cfg, fp, num_classes=num_classes, sigma0=sigma0, grid=grid,
                                    dataset=dataset, meta=meta, device=device, rows_only=rows_only, bar=bar,
@@ -235,6 +227,17 @@ def certify_model(
             raise CertificationInterrupted(
                 f"interrupted after every row was written to {out}; re-run the same command to finish the summary"
             ) from None
+
+
+def _settled(model, points, cfg: CertifyConfig, *, base_sigma: float, grid=None, dataset: str = "",
+             checkpoint_sha256: str | None = None, selector=None, **_) -> tuple[CertifyConfig, float, dict]:
+    """The resolved settings, the constant level and the fingerprint of certifying ``points`` this way: one
+    computation for a run folder and for the parts of a distributed run, so that the two always agree."""
+    cfg = _resolved(cfg, grid, selector)
+    sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
+    fp = run_fingerprint(cfg, points, dataset=dataset, sigma=sigma0, grid=grid,
+                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model), selector=selector)
+    return cfg, sigma0, fp
 
 
 def _resolved(cfg: CertifyConfig, grid, selector=None) -> CertifyConfig:
@@ -254,7 +257,7 @@ def _resolved(cfg: CertifyConfig, grid, selector=None) -> CertifyConfig:
 def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, num_classes, sigma0, grid, dataset,
                     meta, device, rows_only=False, bar=None, selector=None) -> dict:
     began = time.perf_counter()
-    requested = _indices(points)
+    requested = dataset_indices(points)
     model = model.to(device)  # certify and select_sigma switch to eval mode themselves and switch back
     if cfg.channels_last:
         # A copy: the caller's model (e.g. one still training) keeps its memory format.
@@ -339,7 +342,7 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
             raw, radii, forward_passes=passes, note="unallocated radii: an upper bound, not a certificate")
         forward_passes += passes
         # Allocation sees every evaluated point, in dataset-index order; it never sees labels.
-        position = {int(points[i][2]): i for i in range(len(points))}
+        position = {idx: i for i, idx in enumerate(dataset_indices(points))}
         x_all = torch.stack([points[position[int(i)]][0] for i in raw["idx"]])
         sigma_all = raw["sigma"].to_numpy(np.float64)
         radius_raw = raw["radius_raw"].to_numpy(np.float64)
@@ -416,7 +419,7 @@ def _requested_rows(path: Path, requested: list[int]):
 
 
 def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None, runner=None) -> None:
-    requested = set(_indices(points))
+    requested = set(dataset_indices(points))
     with RowWriter(path, columns) as writer:
         remaining = len(requested - writer.done)
         if remaining == 0:
@@ -453,12 +456,9 @@ def certify_part(model: nn.Module, points, folder: str | Path, cfg: CertifyConfi
     """Certify part ``part`` of ``num_parts`` of ``points`` into ``folder`` (rows and part.json; resumable).
     part.json records the fingerprint of the WHOLE run, which the merge compares across parts."""
     folder = Path(folder)
-    whole = _resolved(cfg, kw.get("grid"))
-    sigma0 = float(whole.sigma if whole.sigma is not None else kw["base_sigma"])
-    fp = run_fingerprint(whole, points, dataset=kw.get("dataset", ""), sigma=sigma0, grid=kw.get("grid"),
-                         checkpoint_sha256=kw.get("checkpoint_sha256") or state_dict_sha256(model))
+    _, _, fp = _settled(model, points, cfg, **kw)
     share = points.subset(part_positions(len(points), num_parts, part))
-    start_part(folder, part=part, num_parts=num_parts, indices=_indices(share), fp=fp)
+    start_part(folder, part=part, num_parts=num_parts, indices=dataset_indices(share), fp=fp)
     done = certify_model(model, share, folder, cfg, rows_only=True, **kw)
     finish_part(folder, done["files"])
 

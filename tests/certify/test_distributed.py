@@ -172,3 +172,22 @@ def test_a_shard_resumed_with_other_settings_is_refused(tmp_path):
     changed = config(policy="constant", num_shards=2, shard=0, n=400)
     with pytest.raises(MergeError, match="n=300"):
         certify_part(net, data, tmp_path, changed, part=0, num_parts=2, **KW)
+
+
+def test_inductive_parts_merge_into_the_rows_of_one_process(tmp_path):
+    # A level selector is part of the fingerprint: parts must record it exactly as the merge computes it.
+    torch.manual_seed(1)
+    selector = nn.Sequential(nn.Flatten(), nn.Linear(16, len(GRID))).eval()
+    net, data, cfg = model(), points(7), config(policy="inductive", best_constant=False)
+    kw = {**KW, "selector": (selector, GRID, 0.5)}
+    one = certify_model(net, data, tmp_path / "one", cfg, **kw)
+    dirs = [tmp_path / f"shard{k}" for k in range(2)]
+    for k, folder in enumerate(dirs):
+        certify_part(net, data, folder, CertifyConfig(**{**cfg.__dict__, "num_shards": 2, "shard": k}), part=k,
+                     num_parts=2, **kw)
+    merged = certify_model(net, data, tmp_path / "merged", cfg, merge_from=dirs, **kw)
+    columns = COLUMNS + ["level", "radius_selector", "radius_classifier"]
+    reference = pd.read_csv(tmp_path / "one" / "certify.tsv", sep="\t")[columns]
+    assert reference["level"].nunique() > 1 or reference["predict"].nunique() > 1  # rows worth comparing
+    assert pd.read_csv(tmp_path / "merged" / "certify.tsv", sep="\t")[columns].equals(reference)
+    assert merged["variants"]["inductive"] == one["variants"]["inductive"]
