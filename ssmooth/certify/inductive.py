@@ -22,7 +22,7 @@ from torch import nn
 
 from ssmooth.certify.adaptive import certify_adaptive
 from ssmooth.certify.core import ABSTAIN, certify, predict
-from ssmooth.certify.run import dataset_indices
+from ssmooth.certify.run import certify_in_groups
 from ssmooth.certify.streams import point_seed
 
 
@@ -215,26 +215,14 @@ def certify_points_inductive(
     INDUCTIVE_COLUMNS) has not written yet, one flushed row per point; groups share forward batches as in
     ``ssmooth.certify.run.certify_points``. Every point draws from its own streams (keyed by ``seed`` and its
     dataset index), so its row is the same whichever group, rank or shard certifies it, resumed or not."""
-    import time
-
-    todo = [i for i, idx in enumerate(dataset_indices(points)) if idx not in writer.done]
-    for start in range(0, len(todo), points_per_group):
-        group = [points[i] for i in todo[start : start + points_per_group]]
-        x = torch.stack([item[0] for item in group]).to(device)
-        indices = [int(item[2]) for item in group]
-        began = time.perf_counter()
+    def certify_group(x: torch.Tensor, indices: list[int]):
         cert = certify_inductive(
             classifier, selector, x, grid, sigma_e, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
             num_classes=num_classes, autocast_dtype=autocast_dtype, channels_last=channels_last, seed=seed,
             indices=indices, sampling=sampling, max_radius_loss=max_radius_loss)
-        elapsed = (time.perf_counter() - began) / len(group)
-        rows = []
-        for k, (item, idx) in enumerate(zip(group, indices)):
-            pred, label = int(cert.prediction[k]), int(item[1])
-            rows.append({"idx": idx, "label": label, "predict": pred, "radius": float(cert.radius[k]),
-                         "correct": int(pred == label), "sigma": float(cert.sigma[k]), "time": round(elapsed, 4),
-                         "samples": int(cert.samples[k]), "level": int(cert.level[k]), "radius_selector": float(cert.radius_selector[k]),
-                         "radius_classifier": float(cert.radius_classifier[k])})
-        writer.write(rows)
-        if progress is not None:
-            progress(len(group))
+        extra = {"level": [int(v) for v in cert.level], "radius_selector": [float(r) for r in cert.radius_selector],
+                 "radius_classifier": [float(r) for r in cert.radius_classifier]}
+        return cert.prediction, cert.radius, cert.sigma, cert.samples, extra
+
+    certify_in_groups(points, writer, certify_group, points_per_group=points_per_group, device=device,
+                      progress=progress)

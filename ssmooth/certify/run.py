@@ -57,38 +57,50 @@ def certify_points(
     Every point draws its noise from its own streams, keyed by (``seed``, dataset index, purpose): its row is the
     same whichever group, rank or shard certifies it, and whether or not the run was resumed.
     """
-    todo = [i for i, idx in enumerate(dataset_indices(points)) if idx not in writer.done]
     samplewise = callable(sigma)
-    for start in range(0, len(todo), points_per_group):
-        group = [points[i] for i in todo[start : start + points_per_group]]
-        x = torch.stack([item[0] for item in group]).to(device)
-        labels = [int(item[1]) for item in group]
-        indices = [int(item[2]) for item in group]
-        began = time.perf_counter()
+
+    def certify_group(x: torch.Tensor, indices: list[int]):
         if samplewise:
-            def streams(purpose: str, total: int, indices=indices, x=x) -> list[NoiseStream]:
+            def streams(purpose: str, total: int) -> list[NoiseStream]:
                 return point_streams(seed, indices, purpose, x.shape[1:], total, device=x.device, dtype=x.dtype)
 
             levels = sigma(x, streams).to(device=device, dtype=torch.float32)
         else:
-            levels = torch.full((len(group),), float(sigma), device=device)
+            levels = torch.full((len(indices),), float(sigma), device=device)
         kw = dict(n0=n0, n=n, alpha=alpha, batch_size=batch_size, num_classes=num_classes, seed=seed,
                   indices=indices, autocast_dtype=autocast_dtype, channels_last=channels_last)
         if sampling == "adaptive":
             cert = certify_adaptive(model, x, levels, max_radius_loss=max_radius_loss, **kw)
         else:
             cert = certify(model, x, levels, **kw)
-        samples = cert.samples if cert.samples is not None else torch.full((len(group),), n0 + n)
+        samples = cert.samples if cert.samples is not None else torch.full((len(indices),), n0 + n)
+        extra = {"radius_raw": [float(r) for r in cert.radius]} if samplewise else {}
+        return cert.prediction, cert.radius, levels, samples, extra
+
+    certify_in_groups(points, writer, certify_group, points_per_group=points_per_group, device=device,
+                      progress=progress)
+
+
+def certify_in_groups(points: Sequence, writer: RowWriter, certify_group: Callable, *, points_per_group: int,
+                      device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> None:
+    """The row loop of every certificate: the points ``writer`` has not written yet, in groups of
+    ``points_per_group``, one flushed row per point. ``certify_group(x, indices)`` returns per point the
+    prediction, radius, level and forward passes, and a dict of further columns (a list per column); each row's
+    ``time`` is its share of the group's wall time."""
+    todo = [i for i, idx in enumerate(dataset_indices(points)) if idx not in writer.done]
+    for start in range(0, len(todo), points_per_group):
+        group = [points[i] for i in todo[start : start + points_per_group]]
+        x = torch.stack([item[0] for item in group]).to(device)
+        indices = [int(item[2]) for item in group]
+        began = time.perf_counter()
+        prediction, radius, levels, samples, extra = certify_group(x, indices)
         elapsed = (time.perf_counter() - began) / len(group)
         rows = []
-        for k, (idx, label) in enumerate(zip(indices, labels)):
-            pred = int(cert.prediction[k])
-            row = {"idx": idx, "label": label, "predict": pred, "radius": float(cert.radius[k]),
-                   "correct": int(pred == label), "sigma": float(levels[k]), "time": round(elapsed, 4),
-                   "samples": int(samples[k])}
-            if samplewise:
-                row["radius_raw"] = row["radius"]
-            rows.append(row)
+        for k, (item, idx) in enumerate(zip(group, indices)):
+            pred, label = int(prediction[k]), int(item[1])
+            rows.append({"idx": idx, "label": label, "predict": pred, "radius": float(radius[k]),
+                         "correct": int(pred == label), "sigma": float(levels[k]), "time": round(elapsed, 4),
+                         "samples": int(samples[k]), **{column: values[k] for column, values in extra.items()}})
         writer.write(rows)
         if progress is not None:
             progress(len(group))
