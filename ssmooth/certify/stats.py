@@ -43,3 +43,13 @@ def two_sided_pvalue(nA, nB) -> np.ndarray:
     nA = np.atleast_1d(np.asarray(nA, dtype=np.int64))
     nB = np.atleast_1d(np.asarray(nB, dtype=np.int64))
     return np.array([binomtest(int(a), int(a + b), 0.5).pvalue if a + b > 0 else 1.0 for a, b in zip(nA, nB)])
+
+
+def upper_confidence_bound(count, n, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion from ``count`` successes in n;
+    1 when count == n."""
+    count = np.asarray(count, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bound = beta.ppf(1.0 - alpha, count + 1, np.maximum(n - count, 1e-300))
+    return np.where(count < n, bound, 1.0)

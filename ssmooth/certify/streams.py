@@ -11,6 +11,7 @@ The same seed gives the same draws on the same kind of device (a CPU and a GPU g
 from __future__ import annotations
 
 import hashlib
+import re
 from bisect import bisect_right
 from collections.abc import Sequence
 
@@ -25,7 +26,7 @@ PURPOSES = (
     "level",  # test-time choice of a point's noise level from a grid
     "selector",  # the draws of a smoothed level selector (inductive certificate)
     "pilot",  # draws that choose a per-point sample size (never reused by the bound)
-)
+)  # and the cascade's own per level: cascade<k>/selection, cascade<k>/estimation
 # One piece holds about this many values whatever the input shape. On a CPU 2^16 (256 KiB in fp32: 83 MNIST
 # draws, 21 CIFAR draws, one ImageNet draw): pieces fit whole into a forward batch and are drawn in place; only
 # the pieces cut by a batch's ends pass through a buffer (freed with the stream's last draw). On a GPU 2^22
@@ -40,7 +41,7 @@ def point_seed(seed: int, index: int, purpose: str) -> int:
 
     A cryptographic hash, not Python's ``hash``: the same in every process and on every machine, and seeds of
     neighbouring indices share no structure."""
-    if purpose not in PURPOSES:
+    if purpose not in PURPOSES and not re.fullmatch(r"cascade\d+/(selection|estimation)", purpose):
         raise ValueError(f"unknown noise purpose {purpose!r}; one of {PURPOSES}")
     digest = hashlib.blake2b(f"ssmooth:{int(seed)}:{int(index)}:{purpose}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
