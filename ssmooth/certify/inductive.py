@@ -97,7 +97,9 @@ def certify_inductive(
     With ``indices`` (dataset indices) and ``seed``, every draw comes from per-point streams instead (the
     selector's under ``selector_seed(seed)``), so a point's result does not depend on the other points of the
     call. ``sampling="adaptive"`` sizes each CERTIFY per point (``certify_adaptive``, within ``max_radius_loss``).
-    The classifier is run only on the points whose level was certified.
+    The classifier is run only on the points whose level was certified. ``classifier`` is one model used at
+    every level, or a sequence of experts, one per grid level: expert k certifies at ``grid[k]`` the points
+    routed to level k (expert routing; the same certificate, as each expert is just the classifier at its level).
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -106,6 +108,8 @@ def certify_inductive(
     levels = _check_grid(grid)
     if sampling not in ("fixed", "adaptive"):
         raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
+    if not isinstance(classifier, nn.Module) and len(classifier) != len(levels):
+        raise ValueError(f"classifier: {len(classifier)} experts for a grid of {len(levels)} levels (one per level)")
     options = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last)
     run = certify if sampling == "fixed" else functools.partial(certify_adaptive, max_radius_loss=max_radius_loss)
     if indices is not None:
@@ -128,16 +132,30 @@ def certify_inductive(
             noise = dict(seed=seed, indices=[i for i, keep in zip(indices, ok.tolist()) if keep])
         else:
             noise = dict(generator=generator)
-        cert = run(classifier, x[ok.to(x.device)], sigma[ok], n0=n0, n=n, alpha=alpha / 2,
-                   num_classes=num_classes, **noise, **options)
-        prediction[ok] = cert.prediction
-        radius_classifier[ok] = cert.radius
-        samples[ok] += _samples(cert, int(ok.sum()), n0 + n)
+        for model, at in _routes(classifier, chosen.prediction, ok):
+            keep = at[ok].tolist()
+            part = {**noise, "indices": [i for i, k in zip(noise["indices"], keep) if k]} if indices is not None \
+                else noise
+            cert = run(model, x[at.to(x.device)], sigma[at], n0=n0, n=n, alpha=alpha / 2,
+                       num_classes=num_classes, **part, **options)
+            prediction[at] = cert.prediction
+            radius_classifier[at] = cert.radius
+            samples[at] += _samples(cert, int(at.sum()), n0 + n)
     radius_selector = chosen.radius.to(torch.float64)
     radius = torch.where(prediction != ABSTAIN, torch.minimum(radius_selector, radius_classifier), 0.0)
     return InductiveCertificate(level=chosen.prediction, sigma=sigma, radius_selector=radius_selector,
                                 prediction=prediction, radius_classifier=radius_classifier, radius=radius,
                                 samples=samples)
+
+
+def _routes(classifier, level: torch.Tensor, ok: torch.Tensor):
+    """(model, bool mask of the points it certifies): one model for every chosen level, or with one expert per
+    grid level (routing), each expert for the points whose chosen level is its own."""
+    if isinstance(classifier, nn.Module):
+        return [(classifier, ok)]
+    experts = list(classifier)
+    routes = [(expert, ok & (level == k)) for k, expert in enumerate(experts)]
+    return [(expert, at) for expert, at in routes if bool(at.any())]
 
 
 def _samples(cert, num_points: int, fixed: int) -> torch.Tensor:
