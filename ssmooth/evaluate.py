@@ -23,21 +23,16 @@ from torch import nn
 
 from ssmooth import report
 from ssmooth.certify import kinds
-from ssmooth.certify.allocation import allocate, verify_allocation
 from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
-from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, certify_points_inductive
-from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
+from ssmooth.certify.kinds import CONSTANT_COLUMNS, SAMPLEWISE_ROW_COLUMNS  # noqa: F401 (importers use them here)
+from ssmooth.certify.results import RowWriter, read_rows, write_summary
 from ssmooth.certify.run import certify_points, dataset_indices
 from ssmooth.certify.runfolder import fingerprint, open_run_folder, state_dict_sha256
 from ssmooth.certify.stats import require_useful_sample_size
 
-POLICIES = ("constant", "samplewise", "inductive")
+POLICIES = ("constant", "samplewise", "inductive", "routed", "cascade")
 ALLOCATION_RULES = ("fill", "halving", "lp")
 SAMPLING = ("fixed", "adaptive")
-# Every row also carries the forward passes its point cost (n0 + estimation draws), so that a report can show
-# cost beside accuracy and compare fixed with adaptive sampling.
-CONSTANT_COLUMNS = ROW_COLUMNS + ("samples",)
-SAMPLEWISE_ROW_COLUMNS = SAMPLEWISE_COLUMNS + ("samples",)
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -72,6 +67,13 @@ class CertifyConfig:
     # Sample-wise and inductive runs also certify at every single level of the grid and report the best (the
     # honest baseline for any per-sample claim); costs one constant certification per level.
     best_constant: bool = True
+    # The certificate kinds to compute on the same points (ssmooth.certify.kinds.REGISTRY); None: the policy's
+    # own, the constant one and, with a grid, the best single level.
+    kinds: list[str] | None = None
+    p0: float = 0.5  # cascade: a level answers when its top class has probability >= p0
+    # Routed and cascade certificates with one expert per level: checkpoint paths, or one folder holding
+    # experts.json (the pipeline's experts stage); None: the model at every level.
+    experts: list[str] | str | None = None
     compare_allocations: bool = True
     radii: list[float] | None = None  # report radii; None: the dataset's standard radii
     autocast: str | None = None
@@ -107,6 +109,7 @@ class CertifyConfig:
             ("certify.allocation", self.allocation, self.allocation in ALLOCATION_RULES,
              f"must be one of {ALLOCATION_RULES}"),
             ("certify.sigma", self.sigma, self.sigma is None or self.sigma > 0, "must be > 0"),
+            ("certify.p0", self.p0, 0.5 <= self.p0 < 1, "must be in [0.5, 1)"),
             ("certify.selection_samples", self.selection_samples, self.selection_samples >= 1, "must be >= 1"),
             ("certify.selection_cap", self.selection_cap, self.selection_cap in ("certifiable", "draws"),
              "must be 'certifiable' or 'draws'"),
@@ -148,7 +151,7 @@ def certification_points(datamodule, cfg: CertifyConfig):
 
 
 def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, dataset: str, sigma: float,
-                    grid: Sequence[float] | None, selector=None) -> dict:
+                    grid: Sequence[float] | None, selector=None, experts=None) -> dict:
     """The fingerprint of a certification with these settings on these points (see ssmooth.certify.runfolder).
     ``cfg.policy`` must be resolved; ``grid`` and the selection settings count only where per-point levels are
     chosen by test-time selection (sample-wise runs, and inductive runs with a grid, which report both); a level
@@ -168,6 +171,11 @@ def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, datas
         # Rows of fixed and adaptive sampling (or of two budgets) must never share a folder; fixed runs keep the
         # fingerprint they always had.
         fp["sampling"] = {"kind": cfg.sampling, "max_radius_loss": float(cfg.max_radius_loss)}
+    if experts:
+        # rows of other experts must never be resumed as these
+        fp["experts"] = {f"{float(s):g}": state_dict_sha256(m) for s, m in zip(*experts)}
+    if cfg.p0 != 0.5:
+        fp["p0"] = float(cfg.p0)
     if selector is not None:
         h_e, selector_grid, sigma_e = selector
         fp["selector"] = {"sha256": state_dict_sha256(h_e), "grid": [float(s) for s in selector_grid],
@@ -192,12 +200,14 @@ def certify_model(
     merge_from: Sequence[str | Path] | None = None,
     bar: dict | None = None,
     selector: tuple[nn.Module, Sequence[float], float] | None = None,
+    experts: tuple[Sequence[float], Sequence[nn.Module]] | None = None,
 ) -> dict:
     """Certify ``points`` (items ``(x, y, index)``) and write rows + ``summary.json`` into ``out_dir``.
 
-    ``selector``: ``(h_e, grid, sigma_e)``, the level selector of the inductive certificate (``load_selector``);
-    when given, the inductive certificate is computed on the same points, beside the constant one and, when
-    ``grid`` is given too, the transductive ones and the best single level.
+    ``selector``: ``(h_e, grid, sigma_e)``, the level selector of the inductive certificate (``load_selector``).
+    ``experts``: ``(levels, models)``, one model per level, for expert routing, the cascade and the best single
+    level. ``cfg.kinds`` names the certificate kinds computed on the same points (ssmooth.certify.kinds);
+    by default the policy's own, the constant one and, with a grid, the best single level.
 
     ``checkpoint_sha256``: the sha256 of the checkpoint file the model was loaded from; None hashes the model's
     state_dict (a model certified right after training). Re-running into the same folder with the same
@@ -210,7 +220,7 @@ def certify_model(
     their rows into ``out_dir``, under its lock, so nothing is certified again. ``bar``: extra tqdm settings.
     """
     cfg, sigma0, fp = _settled(model, points, cfg, base_sigma=base_sigma, grid=grid, dataset=dataset,
-                               checkpoint_sha256=checkpoint_sha256, selector=selector)
+                               checkpoint_sha256=checkpoint_sha256, selector=selector, experts=experts)
     out = Path(out_dir)
     if merge_from is not None:  # a bad part is refused before this folder is touched
         merge_parts(merge_from, None, fp, dataset_indices(points))
@@ -220,7 +230,7 @@ def certify_model(
         try:
             return _certify_locked(model, points, out, cfg, fp, num_classes=num_classes, sigma0=sigma0, grid=grid,
                                    dataset=dataset, meta=meta, device=device, rows_only=rows_only, bar=bar,
-                                   selector=selector)
+                                   selector=selector, experts=experts)
         except CertificationInterrupted:
             raise
         except KeyboardInterrupt:
@@ -230,22 +240,36 @@ def certify_model(
 
 
 def _settled(model, points, cfg: CertifyConfig, *, base_sigma: float, grid=None, dataset: str = "",
-             checkpoint_sha256: str | None = None, selector=None, **_) -> tuple[CertifyConfig, float, dict]:
+             checkpoint_sha256: str | None = None, selector=None, experts=None, **_) -> tuple[CertifyConfig, float, dict]:
     """The resolved settings, the constant level and the fingerprint of certifying ``points`` this way: one
     computation for a run folder and for the parts of a distributed run, so that the two always agree."""
-    cfg = _resolved(cfg, grid, selector)
+    cfg = _resolved(cfg, grid, selector, experts)
     sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
     fp = run_fingerprint(cfg, points, dataset=dataset, sigma=sigma0, grid=grid,
-                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model), selector=selector)
+                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model), selector=selector,
+                         experts=experts)
     return cfg, sigma0, fp
 
 
-def _resolved(cfg: CertifyConfig, grid, selector=None) -> CertifyConfig:
+def _resolved(cfg: CertifyConfig, grid, selector=None, experts=None) -> CertifyConfig:
     """``cfg`` validated, with the policy decided (inductive with a level selector, sample-wise when the model
     was trained with a grid, else constant)."""
     cfg.validate()
     if cfg.policy is None:
-        cfg = replace(cfg, policy="inductive" if selector is not None else "samplewise" if grid else "constant")
+        policy = "inductive" if selector is not None else "samplewise" if grid else "constant"
+        cfg = replace(cfg, policy="routed" if experts and selector is not None else policy)
+    if cfg.policy == "routed" and not (experts and selector is not None):
+        raise ValueError("certify.policy=routed needs a level selector and experts (certify.experts=[...])")
+    if cfg.policy == "cascade" and not (grid or experts):
+        raise ValueError("certify.policy=cascade needs a grid of levels or experts (certify.experts=[...])")
+    if experts and len(experts[0]) != len(experts[1]):
+        raise ValueError(f"experts: {len(experts[1])} models for {len(experts[0])} levels")
+    # Unknown or impossible kinds are refused here, before the run folder is touched.
+    from types import SimpleNamespace
+
+    kinds.requested(_kind_names(cfg, grid), SimpleNamespace(
+        grid=grid, selector=selector, experts=experts[1] if experts else None,
+        expert_levels=[float(s) for s in experts[0]] if experts else None))
     if cfg.policy == "samplewise" and not grid:
         raise ValueError("certify.policy=samplewise needs a grid of levels (noise.grid_factors or certify.grid_factors)")
     if cfg.policy == "inductive" and selector is None:
@@ -255,131 +279,40 @@ def _resolved(cfg: CertifyConfig, grid, selector=None) -> CertifyConfig:
 
 
 def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, num_classes, sigma0, grid, dataset,
-                    meta, device, rows_only=False, bar=None, selector=None) -> dict:
+                    meta, device, rows_only=False, bar=None, selector=None, experts=None) -> dict:
     began = time.perf_counter()
     requested = dataset_indices(points)
-    model = model.to(device)  # certify and select_sigma switch to eval mode themselves and switch back
-    if cfg.channels_last:
-        # A copy: the caller's model (e.g. one still training) keeps its memory format.
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model = torch.compile(model, dynamic=False)
-    radii = list(cfg.radii) if cfg.radii is not None else report.standard_radii(dataset)
     common = dict(n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch_size, num_classes=num_classes,
                   points_per_group=cfg.points_per_group or max(1, cfg.batch_size // cfg.n), seed=cfg.seed,
                   device=device, autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last,
                   sampling=cfg.sampling, max_radius_loss=cfg.max_radius_loss)
-    variants: dict[str, dict] = {}
+    model = _prepared(model, cfg, device)
 
-    # Every row file first (a part of a distributed run stops there; the merge brings them together), then the
-    # summary entries, each a certificate kind (ssmooth.certify.kinds).
-    files: list[str] = []
+    def produce(path, columns, label, *, sigma=None, runner=None, model=model):
+        _run(model, points, path, columns, common=common, label=label, cfg=cfg, bar=bar, sigma=sigma, runner=runner)
 
-    def rows_of(path, columns, label, **how):
-        _run(model, points, path, columns, common=common, label=label, cfg=cfg, bar=bar, **how)
-        files.append(path.name)
-
-    constant_path = out / ("certify.tsv" if cfg.policy == "constant" else "certify_constant.tsv")
-    rows_of(constant_path, CONSTANT_COLUMNS, "constant", sigma=sigma0)
-    per_level = {}  # the constant certificate at every grid level: the best single level is the honest baseline
-    if grid and cfg.best_constant and cfg.policy != "constant":
-        for level in sorted(float(s) for s in grid):
-            per_level[level] = constant_path if level == sigma0 else out / f"certify_constant_s{level:g}.tsv"
-            if level != sigma0:
-                rows_of(per_level[level], CONSTANT_COLUMNS, f"constant {level:g}", sigma=level)
-    samplewise = cfg.policy == "samplewise" or (bool(grid) and cfg.policy == "inductive")
-    if samplewise:
-        grid = sorted(float(s) for s in grid)
-        from ssmooth.selection import select_sigma
-
-        m = cfg.selection_samples
-        clip = (1 / (2 * m), max(1 - 1 / (2 * m), cfg.alpha ** (1 / cfg.n))) \
-            if cfg.selection_cap == "certifiable" else None
-
-        def choose_levels(x, streams):
-            # the "level" streams: never the draws that certification uses
-            return select_sigma(model, x, grid, num_samples=m, labels=None, streams=streams("level", len(grid) * m),
-                                batch_size=cfg.batch_size, soft=cfg.soft_selection, clip=clip)
-
-        raw_path = out / "certify_raw.tsv"
-        rows_of(raw_path, SAMPLEWISE_ROW_COLUMNS, "sample-wise", sigma=choose_levels)
     if selector is not None:
         h_e, selector_grid, sigma_e = selector
-        h_e = h_e.to(device)
-        if cfg.channels_last:
-            h_e = copy.deepcopy(h_e).to(memory_format=torch.channels_last)
-        inductive_path = out / ("certify.tsv" if cfg.policy == "inductive" else "certify_inductive.tsv")
-        runner = functools.partial(certify_points_inductive, selector=h_e, grid=selector_grid, sigma_e=sigma_e)
-        rows_of(inductive_path, INDUCTIVE_COLUMNS, "inductive", sigma=None, runner=runner)
+        selector = (_prepared(h_e, replace(cfg, compile=False), device), selector_grid, sigma_e)
+    job = kinds.Job(model=model, points=points, out=out, cfg=cfg, policy=cfg.policy, sigma0=sigma0,
+                    grid=sorted(float(s) for s in grid) if grid else None,
+                    radii=list(cfg.radii) if cfg.radii is not None else report.standard_radii(dataset),
+                    produce=produce, read=functools.partial(_requested_rows, requested=requested),
+                    selector=selector, experts=[_prepared(m, cfg, device) for m in experts[1]] if experts else None,
+                    expert_levels=[float(s) for s in experts[0]] if experts else None)
+    chosen = kinds.requested(_kind_names(cfg, grid), job)
+    # Every row file first (a part of a distributed run stops there; the merge brings them together), then the
+    # summary entries, each kind's own.
+    files = list(dict.fromkeys(path for k in chosen for path in k.rows(job)))
     if rows_only:
-        return {"files": files}
-
-    constant_rows = _requested_rows(constant_path, requested)
-    variants["constant"] = kinds.CONSTANT.entry(constant_rows, radii, sigma=sigma0,
-                                                forward_passes=int(constant_rows["samples"].sum()))
-    forward_passes = variants["constant"]["forward_passes"]
-    main = "constant"
-    extra: dict = {}
-    if per_level:
-        by_sigma = {level: _requested_rows(path, requested) for level, path in per_level.items()}
-        # choosing the best level took every level's certification
-        best = kinds.best_constant(by_sigma, radii)
-        variants["constant_best"] = {**best, "rows_file": per_level[best["sigma"]].name,
-                                     "forward_passes": sum(int(rows["samples"].sum()) for rows in by_sigma.values())}
-        forward_passes += sum(int(rows["samples"].sum()) for level, rows in by_sigma.items() if level != sigma0)
-
-    if samplewise:
-        from ssmooth.selection import select_sigma
-
-        m = cfg.selection_samples
-        clip = (1 / (2 * m), max(1 - 1 / (2 * m), cfg.alpha ** (1 / cfg.n))) \
-            if cfg.selection_cap == "certifiable" else None
-
-        raw = _requested_rows(raw_path, requested)
-        # the level selection's draws are forward passes too: m per grid level per point
-        passes = int(raw["samples"].sum()) + len(raw) * len(grid) * m
-        variants["samplewise_raw"] = kinds.SAMPLEWISE_RAW.entry(
-            raw, radii, forward_passes=passes, note="unallocated radii: an upper bound, not a certificate")
-        forward_passes += passes
-        # Allocation sees every evaluated point, in dataset-index order; it never sees labels.
-        position = {idx: i for i, idx in enumerate(dataset_indices(points))}
-        x_all = torch.stack([points[position[int(i)]][0] for i in raw["idx"]])
-        sigma_all = raw["sigma"].to_numpy(np.float64)
-        radius_raw = raw["radius_raw"].to_numpy(np.float64)
-        rules = ALLOCATION_RULES if cfg.compare_allocations else (cfg.allocation,)
-        for rule in rules:
-            allocation = allocate(x_all, sigma_all, radius_raw, rule=rule)
-            r = allocation.radius
-            # raises AllocationError: the run stops before anything is written
-            verify_allocation(x_all, sigma_all, r, radius_raw, answered=allocation.answered)
-            rows = raw.copy()
-            rows["radius"] = r
-            # Another level answers at the same location: this point gives up its answer (see allocation.py).
-            rows.loc[~allocation.answered, ["predict", "correct"]] = (-1, 0)
-            write_rows(rows[list(SAMPLEWISE_ROW_COLUMNS)], out / f"certify_{rule}.tsv")
-            stats = {"num_points_T": allocation.num_points, "num_conflicting_pairs": allocation.num_conflicts,
-                     "num_dropped_duplicates": allocation.num_dropped,
-                     # NaN when no point was certified: null keeps summary.json strict JSON
-                     "mean_r_over_R": None if np.isnan(allocation.mean_ratio) else allocation.mean_ratio}
-            # the allocation draws nothing: the certificate cost what the per-point levels and radii cost
-            variants[f"samplewise_{rule}"] = kinds.transductive(rule).entry(rows, radii, allocation=rule,
-                                                                            forward_passes=passes, **stats)
-            if rule == cfg.allocation and cfg.policy == "samplewise":
-                write_rows(rows[list(SAMPLEWISE_ROW_COLUMNS)], out / "certify.tsv")
-        main = f"samplewise_{cfg.allocation}"
-        levels, counts = np.unique(sigma_all, return_counts=True)
-        extra["selected_sigma_histogram"] = {f"{s:g}": int(c) for s, c in zip(levels, counts)}
-        extra["grid"] = grid
-
-    if selector is not None:
-        rows = _requested_rows(inductive_path, requested)
-        variants["inductive"] = kinds.INDUCTIVE.entry(rows, radii, sigma_e=float(sigma_e),
-                                                      forward_passes=int(rows["samples"].sum()),
-                                                      **kinds.inductive_details(rows, selector_grid))
-        forward_passes += variants["inductive"]["forward_passes"]
-        if cfg.policy == "inductive":
-            main = "inductive"
-
+        return {"files": [path.name for path in files]}
+    variants: dict[str, dict] = {}
+    for k in chosen:
+        variants.update(k.entries(job))
+    main = f"samplewise_{cfg.allocation}" if cfg.policy == "samplewise" else kinds.MAIN_KIND[cfg.policy]
+    # every noisy forward pass of this run: each row file once, and the test-time level selection's draws
+    forward_passes = sum(int(job.read(path)["samples"].sum()) for path in files) + job.state.get("extra_passes", 0)
+    first = job.read(files[0])
     summary = {
         "name": (meta or {}).get("name", out.name),
         "dataset": dataset,
@@ -387,23 +320,42 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
         "objective": (meta or {}).get("objective", ""),
         "sigma_policy": cfg.policy,
         "sigma": sigma0,
-        "allocation": cfg.allocation if samplewise else None,
+        "allocation": cfg.allocation if "samplewise" in {k.name for k in chosen} else None,
         "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "sampling": cfg.sampling, "max_radius_loss": cfg.max_radius_loss if cfg.sampling == "adaptive" else None,
-        "forward_passes": forward_passes,  # every noisy forward pass of this run: selection, pilot, estimation
+        "forward_passes": forward_passes,
         "points": {"split": cfg.split, "skip": cfg.skip, "max": cfg.max, "start": cfg.start,
-                   "count": int(len(constant_rows)), "indices": [int(i) for i in constant_rows["idx"]]},
-        "radii": radii,
+                   "count": int(len(first)), "indices": [int(i) for i in first["idx"]]},
+        "radii": job.radii,
+        "kinds": [k.name for k in chosen],
         "main": main,
         "variants": variants,
         "wall_time_s": round(time.perf_counter() - began, 2),
         "train_wall_time_s": (meta or {}).get("train_wall_time_s"),  # the model's training, when known
         "certify_config": asdict(cfg),
         "fingerprint": fp,
-        **extra,
+        **job.state.get("extra", {}),
     }
     write_summary(summary, out / "summary.json")
     return summary
+
+
+def _kind_names(cfg: CertifyConfig, grid) -> list[str]:
+    if cfg.kinds is not None:
+        return list(cfg.kinds)
+    return kinds.default_kinds(cfg.policy, grid=bool(grid), best_constant=cfg.best_constant)
+
+
+def _prepared(model: nn.Module, cfg: CertifyConfig, device) -> nn.Module:
+    """The model on ``device``, channels-last and compiled as configured. certify and select_sigma switch to
+    eval mode themselves and switch back."""
+    model = model.to(device)
+    if cfg.channels_last:
+        # A copy: the caller's model (e.g. one still training) keeps its memory format.
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model, dynamic=False)
+    return model
 
 
 def _requested_rows(path: Path, requested: list[int]):
@@ -419,6 +371,7 @@ def _requested_rows(path: Path, requested: list[int]):
 
 
 def _run(model, points, path, columns, *, sigma, common, label, cfg, bar=None, runner=None) -> None:
+    """Certify every requested point that ``path`` has no row for (``runner``: another certificate's rows)."""
     requested = set(dataset_indices(points))
     with RowWriter(path, columns) as writer:
         remaining = len(requested - writer.done)

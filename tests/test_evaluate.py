@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import ssmooth.evaluate as evaluate
+import ssmooth.certify.kinds.samplewise as samplewise_kind
 from ssmooth.certify import AllocationError
 from ssmooth.certify.allocation import Allocation
 from ssmooth.certify.results import read_rows
@@ -58,7 +59,7 @@ def test_an_allocation_violation_stops_the_run_before_results_are_written(tmp_pa
         return Allocation(radius=np.asarray(radius) * 10 + 1, rule=rule, num_points=len(radius), num_conflicts=0,
                           mean_ratio=1.0, answered=np.asarray(radius) > 0, num_dropped=0)
 
-    monkeypatch.setattr(evaluate, "allocate", broken)
+    monkeypatch.setattr(samplewise_kind, "allocate", broken)
     with pytest.raises(AllocationError):
         certify_model(Threshold(), points(), tmp_path, config(policy="samplewise"), num_classes=2, base_sigma=0.25,
                       grid=[0.125, 0.25, 0.5], dataset="toy")

@@ -1,4 +1,4 @@
-"""Certificate kinds: one interface for every radius the project reports, with what it means and where it holds.
+"""What a certificate kind is: its name, whether it is sound, where its radius holds, and its summary entry.
 
 A kind names its rows' columns and turns rows into a summary entry (certified accuracy at the report radii, ACR,
 abstain rate) that carries ``kind``, ``sound`` and ``setting``:
@@ -11,7 +11,8 @@ abstain rate) that carries ``kind``, ``sound`` and ``setting``:
 - ``samplewise_<rule>`` (fill, halving, lp): the transductive certificate; holds for THIS TEST SET, i.e. for the
   classifier defined from the whole (unlabelled) set of evaluated points.
 - ``inductive``: a smoothed level selector chooses the level; holds for ANY INPUT, no memory of other inputs.
-Code that certifies a test set looks kinds up here instead of spelling out each one's flags.
+- ``routed``: the same selector routes each input to the expert model of its level; holds for ANY INPUT.
+- ``cascade``: the levels from the largest down, answering at the first confident one; holds for ANY INPUT.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ssmooth.certify.cascade import CASCADE_COLUMNS
 from ssmooth.certify.inductive import INDUCTIVE_COLUMNS
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS
 from ssmooth.report import summarize_rows
@@ -49,15 +51,24 @@ class CertificateKind:
 
 
 CONSTANT = CertificateKind("constant", True, ANY_INPUT, "Cohen's certificate at one noise level")
+# Said wherever the best single level is shown: each row is a real certificate, but the level was picked
+# knowing the evaluated points and their labels, which flatters this baseline.
+CHOSEN_ON_EVALUATED = "level chosen on the evaluated points with their labels"
 CONSTANT_BEST = CertificateKind(
     "constant_best", True, ANY_INPUT,
-    "Cohen's certificate at the grid level with the highest ACR on these points (chosen with labels)")
+    f"Cohen's certificate at the grid level with the highest ACR on these points ({CHOSEN_ON_EVALUATED})")
 SAMPLEWISE_RAW = CertificateKind(
     "samplewise_raw", False, NOT_A_CERTIFICATE, "per-point levels before allocation: an upper bound",
     SAMPLEWISE_COLUMNS)
 INDUCTIVE = CertificateKind(
     "inductive", True, ANY_INPUT, "smoothed level selector (alpha/2) + classifier at the chosen level (alpha/2)",
     INDUCTIVE_COLUMNS)
+ROUTED = CertificateKind(
+    "routed", True, ANY_INPUT, "smoothed level selector (alpha/2) + the expert of the chosen level (alpha/2)",
+    INDUCTIVE_COLUMNS)
+CASCADE = CertificateKind(
+    "cascade", True, ANY_INPUT, "levels from the largest down, answer at the first confident one (alpha/K each)",
+    CASCADE_COLUMNS)
 
 
 def transductive(rule: str) -> CertificateKind:
@@ -69,7 +80,7 @@ def transductive(rule: str) -> CertificateKind:
                            SAMPLEWISE_COLUMNS)
 
 
-KINDS = {k.name: k for k in (CONSTANT, CONSTANT_BEST, SAMPLEWISE_RAW, INDUCTIVE,
+KINDS = {k.name: k for k in (CONSTANT, CONSTANT_BEST, SAMPLEWISE_RAW, INDUCTIVE, ROUTED, CASCADE,
                              *(transductive(rule) for rule in ALLOCATION_RULES))}
 
 
@@ -93,8 +104,23 @@ def best_constant(rows_by_sigma: Mapping[float, object], radii) -> dict:
         raise ValueError("the constant certificates of the grid levels cover different points")
     acr = {s: CONSTANT.entry(rows, radii)["acr"] for s, rows in rows_by_sigma.items()}
     sigma = min(acr, key=lambda s: (-acr[s], s))
-    return CONSTANT_BEST.entry(rows_by_sigma[sigma], radii, sigma=sigma,
+    return CONSTANT_BEST.entry(rows_by_sigma[sigma], radii, sigma=sigma, note=CHOSEN_ON_EVALUATED,
                                acr_by_sigma={f"{s:g}": acr[s] for s in sorted(acr)})
+
+
+def cascade_details(rows, levels) -> dict:
+    """What to report beside the cascade: where the points were answered, and how often the abstention term of
+    the higher levels sets the radius."""
+    predict = np.asarray(rows["predict"])
+    certified = predict != -1
+    stage = np.asarray(rows["stage"])
+    capped = certified & (np.asarray(rows["radius_abstention"], float) < np.asarray(rows["radius_level"], float))
+    return {
+        "levels": sorted((float(s) for s in levels), reverse=True),
+        "answered_at": {f"{s:g}": int((stage == k).sum())
+                        for k, s in enumerate(sorted((float(s) for s in levels), reverse=True))},
+        "abstention_limits_share": float(capped.mean()) if len(predict) else None,
+    }
 
 
 def inductive_details(rows, grid) -> dict:
