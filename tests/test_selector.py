@@ -66,3 +66,57 @@ def test_selector_learns_a_level_table_under_noise_and_survives_the_checkpoint(t
         torch.testing.assert_close(loaded(noisy[:16]), selector(noisy[:16]))
     with pytest.raises(ValueError, match="no level selector"):
         load_selector(meta, {}, info)
+
+
+def test_radius_targets_match_the_closed_form_of_a_half_space():
+    # Class 1 iff the first pixel > 0: at level s, p_1(x) = Phi(x0 / s), so R_k = x0 (the same at every level)
+    # where x0 > 0, and 0 for the class-0 label. With many draws the estimate is close.
+    from ssmooth.data import IndexedDataset
+    from ssmooth.lit.selector import balance_weights, radius_targets, soft_targets
+
+    class HalfSpace(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x.flatten(1)[:, 0] > 0).long(), 2).float()
+
+    images = torch.zeros(3, 1, 1, 2)
+    images[:, 0, 0, 0] = torch.tensor([0.1, 0.2, -0.2])
+    data = IndexedDataset(images, torch.tensor([1, 1, 1]), torch.tensor([5, 6, 7]))
+    grid = [0.25, 0.5]
+    radii = radius_targets(HalfSpace(), data, grid, num_samples=4000, seed=0, batch_size=8000)
+    assert radii.shape == (3, 2)
+    assert torch.allclose(radii[:2], torch.tensor([[0.1, 0.1], [0.2, 0.2]], dtype=torch.float64), atol=0.03)
+    assert radii[2].tolist() == [0.0, 0.0]  # the label loses at every level: dropped from training
+    again = radius_targets(HalfSpace(), data.subset([1]), grid, num_samples=4000, seed=0, batch_size=8000)
+    assert torch.equal(again[0], radii[1])  # per-image streams: the same draws whatever the batch
+    soft = soft_targets(torch.tensor([[0.0, 1.0]]), 0.1)
+    assert soft[0, 1] > 0.9999 and torch.allclose(soft.sum(1), torch.ones(1))
+    weights = balance_weights(torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 1.0], [1.0, 0.0]]))
+    assert weights.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])  # the rare best level weighs 3x
+
+
+def test_radius_selector_learns_which_level_certifies_more():
+    # Images whose first pixel is bright certify best at the large level, dark ones at the small: a selector
+    # trained on those soft targets under noise routes both groups right.
+    import functools
+
+    import lightning as L
+
+    from ssmooth.data import IndexedDataset
+    from ssmooth.lit.selector import RadiusSelectorModule
+
+    L.seed_everything(0)
+    n = 256
+    images = torch.zeros(n, 1, 4, 4)
+    images[: n // 2] = 1.0
+    targets = torch.zeros(n, 2)
+    targets[: n // 2, 1], targets[n // 2:, 0] = 1.0, 1.0
+    data = IndexedDataset(images, torch.zeros(n, dtype=torch.long))
+    selector = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    module = RadiusSelectorModule(selector, targets, torch.ones(n), 0.5,
+                                  functools.partial(torch.optim.SGD, lr=0.5), consistency=1.0, entropy=0.1)
+    trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=32, shuffle=True))
+    with torch.no_grad():
+        chosen = selector(images + 0.5 * torch.randn_like(images)).argmax(1)
+    assert (chosen[: n // 2] == 1).float().mean() > 0.9 and (chosen[n // 2:] == 0).float().mean() > 0.9

@@ -385,6 +385,10 @@ def run_pipeline(cfg: DictConfig) -> dict | None:
     return summaries.get("finetune_samplewise")
 
 
+SELECTOR_KEYS = {"enabled", "model", "sigma_e", "epochs", "lr", "targets", "temperature", "balance", "copies",
+                 "consistency", "entropy", "target_samples", "target_images"}
+
+
 def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
     """The level selector of the inductive certificate, trained on the level table of a sample-wise checkpoint
     (``selector.*``). Writes ``checkpoints/last.ckpt`` in the stage folder (the classifier, its table and the
@@ -402,11 +406,13 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
     from ssmooth.evaluate import certify_model
     from ssmooth.lit.module import load_checkpoint, model_state
     from ssmooth.lit.selector import (
+        RadiusSelectorModule,
         SelectorModule,
         default_selector_model,
         level_targets,
         load_selector,
         save_with_selector,
+        selector_radius_targets,
     )
 
     output_dir = Path(cfg.output_dir)
@@ -414,7 +420,7 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
         log.info(f"{output_dir}: already finished (summary.json exists), skipping")
         return json.loads((output_dir / "summary.json").read_text())
     options = plain(cfg.selector)
-    unknown = set(options) - {"enabled", "model", "sigma_e", "epochs", "lr"}
+    unknown = set(options) - SELECTOR_KEYS
     if unknown:
         raise ConfigError(f"selector: unknown key(s) {sorted(unknown)}")
     cert_cfg = certify_config(cfg.certify)
@@ -429,12 +435,6 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
         sigma_e = float(options.get("sigma_e") or max(grid))  # at least the largest level, as in Dual RS
         if not sigma_e > 0:
             raise ConfigError(f"selector.sigma_e={sigma_e} must be > 0")
-        train_indices = datamodule.train_set.indices
-        targets = torch.zeros(len(state["noise.table"]), dtype=torch.long)
-        try:
-            targets[train_indices] = level_targets(state["noise.table"][train_indices], grid)
-        except ValueError as err:
-            raise ConfigError(f"selector: {err}") from None
         model_cfg = options.get("model") or default_selector_model(meta["model"])
         L.seed_everything(cfg.seed, workers=True)
         selector = build_model(model_cfg, dataclasses.replace(datamodule.info, num_classes=len(grid)))
@@ -442,10 +442,30 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
             optimizer = functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
         except Exception as err:
             raise ConfigError(f"optim: {_root_cause(err)}") from None
-        module = SelectorModule(selector, targets, sigma_e, len(grid), optimizer, meta=meta)
+        began = time.perf_counter()
+        if options.get("targets", "radius") == "table":
+            train_indices = datamodule.train_set.indices
+            targets = torch.zeros(len(state["noise.table"]), dtype=torch.long)
+            try:
+                targets[train_indices] = level_targets(state["noise.table"][train_indices], grid)
+            except ValueError as err:
+                raise ConfigError(f"selector: {err}") from None
+            module = SelectorModule(selector, targets, sigma_e, len(grid), optimizer, meta=meta)
+            target_stats = {}
+        else:
+            classifier = build_model(meta["model"], datamodule.info)
+            classifier.load_state_dict(model_state(state))
+            targets, weights, target_stats = selector_radius_targets(
+                classifier, datamodule.train_set, grid, len(state["noise.table"]), options, seed=cfg.seed,
+                cap=cert_cfg.alpha ** (1 / cert_cfg.n), batch_size=cert_cfg.batch_size,
+                device=resolve_device("auto"))
+            log.info(f"selector targets: {target_stats}")
+            module = RadiusSelectorModule(selector, targets, weights, sigma_e, optimizer, meta=meta,
+                                          copies=int(options.get("copies", 2)),
+                                          consistency=float(options.get("consistency", 0.0)),
+                                          entropy=float(options.get("entropy", 0.0)))
         loggers = build_loggers(plain(cfg.logger), output_dir)
         trainer = build_trainer(cfg, output_dir, loggers, callbacks=[])
-        began = time.perf_counter()
         try:
             # Training data only: the test split has class labels, not levels.
             trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
@@ -454,6 +474,7 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
         if not trainer.is_global_zero:
             return None
         selector_meta = {"model": model_cfg, "grid": [float(s) for s in grid], "sigma_e": sigma_e,
+                         "targets": options.get("targets", "radius"), "target_stats": target_stats,
                          "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt),
                          "train_wall_time_s": round(time.perf_counter() - began, 2)}
         save_with_selector(classifier_ckpt, selector, selector_meta, out)

@@ -1,10 +1,17 @@
-"""The level selector h_e of the inductive certificate: a network trained to predict, from a noisy image, the noise
-level that sample-wise finetuning chose for it.
+"""The level selector h_e of the inductive certificate: a network that maps a noisy image to a level of the grid.
 
-Its labels are the per-sample table the finetuning keeps (``SampleWiseSigma.table``, by dataset index), turned
-into grid indices; it is trained with Gaussian augmentation at its own level ``sigma_e`` (by default the largest
-level of the grid), because certification smooths it at that level. It is saved in the same checkpoint file as
-the classifier: weights under ``selector.``, and ``meta["selector"]`` holds its architecture, the grid and sigma_e.
+Two ways to train it (``selector.targets``):
+- ``radius`` (the default): on what certifies. For every training image and level s_k, the radius the test-time
+  rule would give with the label, ``R_k = s_k * Phi^-1(p_y)`` (0 where p_y <= 1/2), from a few noisy draws per
+  level; soft targets ``softmax(R / temperature)``; images with R = 0 at every level are dropped. The loss is soft
+  cross-entropy over ``copies`` noisy copies, plus ``consistency`` * KL(mean prediction || each copy's) and
+  ``entropy`` * the entropy of the mean prediction, optionally weighted by 1 / q_k (q_k: the share of images
+  whose best level is k).
+- ``table``: hard cross-entropy on the per-sample table the finetuning kept (``SampleWiseSigma.table``). It
+  tends to learn the majority level.
+Either way it is trained under Gaussian noise at its own level ``sigma_e`` (by default the largest level of the
+grid), because certification smooths it at that level. It is saved in the same checkpoint file as the
+classifier: weights under ``selector.``, and ``meta["selector"]`` holds its architecture, the grid and sigma_e.
 """
 from __future__ import annotations
 
@@ -47,6 +54,131 @@ def level_targets(table: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
     if bool(off.any()):
         raise ValueError(f"the sigma table holds levels off the grid {list(grid)}: e.g. {table[off][:3].tolist()}")
     return targets
+
+
+def radius_targets(model: nn.Module, dataset, grid: Sequence[float], *, num_samples: int = 100, seed: int = 0,
+                   batch_size: int = 1000, cap: float | None = None, points_per_call: int | None = None,
+                   progress=None) -> torch.Tensor:
+    """``R`` [N, len(grid)] float64: for each item ``(x, y, index)`` of ``dataset`` and each level, the radius
+    ``s_k * Phi^-1(p_y)`` from ``num_samples`` draws (0 where the label does not get more than half the votes).
+
+    The draws come from per-image noise streams of their own seed (derived from ``seed``; never the streams
+    that certify test points), batched like certification. ``cap`` bounds p_y from above, as CERTIFY can reach
+    at most ``alpha ** (1 / n)``; default ``1 - 1 / (2 m)``."""
+    from ssmooth.certify.streams import NoiseStream, point_seed
+    from ssmooth.selection import sigma_scores
+
+    target_seed = point_seed(seed, -2, "selector")  # a run seed of its own for training targets
+    m, k = int(num_samples), len(grid)
+    hi = cap if cap is not None else 1 - 1 / (2 * m)
+    clip = (1 / (2 * m), max(hi, 1 - 1 / (2 * m)))
+    step = points_per_call or max(1, batch_size // m)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    out = []
+    for start in range(0, len(dataset), step):
+        items = [dataset[i] for i in range(start, min(start + step, len(dataset)))]
+        x = torch.stack([item[0] for item in items]).to(device)
+        labels = torch.stack([torch.as_tensor(item[1]) for item in items]).to(device)
+        streams = [NoiseStream(point_seed(target_seed, int(item[2]), "level"), x.shape[1:], k * m, device=device)
+                   for item in items]
+        scores = sigma_scores(model, x, grid, m, labels, batch_size=batch_size, clip=clip, streams=streams)
+        out.append(scores.clamp(min=0).cpu())
+        if progress is not None:
+            progress(len(items))
+    return torch.cat(out) if out else torch.empty(0, k, dtype=torch.float64)
+
+
+def soft_targets(radii: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(R / temperature)`` per image; the targets of the radius-trained selector."""
+    if not temperature > 0:
+        raise ValueError(f"selector.temperature must be > 0, got {temperature}")
+    return torch.softmax(radii.double() / temperature, dim=1).float()
+
+
+def balance_weights(radii: torch.Tensor) -> torch.Tensor:
+    """Per image ``1 / q_k`` for its best level k (q_k: the share of images whose best level is k), scaled to
+    mean 1, so that a rare best level is not drowned by the majority one."""
+    best = radii.argmax(dim=1)
+    share = torch.bincount(best, minlength=radii.shape[1]).float() / max(1, len(best))
+    weights = 1.0 / share[best]
+    return weights / weights.mean()
+
+
+def selector_radius_targets(classifier: nn.Module, train_set, grid: Sequence[float], size: int, options: dict, *,
+                            seed: int, cap: float, batch_size: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Soft targets [size, K] and loss weights [size] by dataset index for the training images (``options``: the
+    ``selector.*`` settings), and what to report about them (images kept, best-level shares, cost)."""
+    import time
+
+    if options.get("targets", "radius") != "radius":
+        raise ValueError(f"selector.targets must be 'radius' or 'table', got {options.get('targets')!r}")
+    limit = options.get("target_images")
+    if limit is not None and not int(limit) >= 1:
+        raise ValueError(f"selector.target_images must be null (all) or >= 1, got {limit}")
+    if limit is not None and int(limit) < len(train_set):
+        # evenly spread over the training set, the same images on every run
+        train_set = train_set.subset(torch.linspace(0, len(train_set) - 1, int(limit)).round().long())
+    began = time.perf_counter()
+    classifier = classifier.to(device)
+    radii = radius_targets(classifier, train_set, grid, num_samples=int(options.get("target_samples", 100)),
+                           seed=seed, batch_size=batch_size, cap=cap)
+    kept = radii.max(dim=1).values > 0  # images no level certifies teach nothing about levels
+    weights = torch.zeros(size)
+    chosen = balance_weights(radii[kept]) if options.get("balance", False) and bool(kept.any()) \
+        else torch.ones(int(kept.sum()))
+    weights[train_set.indices[kept]] = chosen
+    targets = torch.zeros(size, len(grid))
+    targets[train_set.indices] = soft_targets(radii, float(options.get("temperature", 0.1)))
+    best = radii[kept].argmax(dim=1)
+    stats = {"images": len(train_set), "kept": int(kept.sum()),
+             "best_level_share": {f"{float(s):g}": round(float((best == k).float().mean()), 4) if len(best) else 0.0
+                                  for k, s in enumerate(grid)},
+             "forward_passes": len(train_set) * len(grid) * int(options.get("target_samples", 100)),
+             "wall_time_s": round(time.perf_counter() - began, 2)}
+    return targets, weights, stats
+
+
+class RadiusSelectorModule(SmoothingModule):
+    """Trains h_e on soft targets over the grid (``targets`` [N, K] by dataset index, ``weights`` [N]; images with
+    weight 0 are skipped): soft cross-entropy on ``copies`` noisy copies at sigma_e, plus ``consistency`` *
+    KL(mean prediction || each copy) and ``entropy`` * entropy of the mean prediction."""
+
+    def __init__(self, selector: nn.Module, targets: torch.Tensor, weights: torch.Tensor, sigma_e: float,
+                 optimizer, scheduler=None, meta: dict | None = None, copies: int = 2, consistency: float = 0.0,
+                 entropy: float = 0.0):
+        if not sigma_e > 0:
+            raise ValueError(f"selector.sigma_e must be > 0, got {sigma_e}")
+        if copies < 1 or consistency < 0 or entropy < 0:
+            raise ValueError(f"selector: copies >= 1, consistency >= 0, entropy >= 0; got {copies}, {consistency}, "
+                             f"{entropy}")
+        super().__init__(model=selector, objective=GaussianAugmentation(), noise=ConstantSigma(sigma_e),
+                         optimizer=optimizer, scheduler=scheduler, num_classes=targets.shape[1], meta=meta)
+        self.register_buffer("targets", targets.float())
+        self.register_buffer("weights", weights.float())
+        self.copies, self.consistency, self.entropy = int(copies), float(consistency), float(entropy)
+
+    @override
+    def training_step(self, batch, batch_idx):
+        x, _, index = batch
+        index = index.to(self.targets.device)
+        target, weight = self.targets[index].to(x.device), self.weights[index].to(x.device)
+        sigma = float(self.noise.sigma)
+        noisy = x.repeat(self.copies, *[1] * (x.dim() - 1))
+        noisy = noisy + torch.randn_like(noisy) * sigma
+        log_p = torch.log_softmax(self.model(noisy), dim=1).view(self.copies, len(x), -1)
+        loss = -(target.unsqueeze(0) * log_p).sum(dim=2).mean(dim=0)  # soft cross-entropy, per image
+        mean_p = log_p.exp().mean(dim=0)
+        log_mean = mean_p.clamp_min(1e-12).log()
+        if self.consistency:
+            kl = (mean_p.unsqueeze(0) * (log_mean.unsqueeze(0) - log_p)).sum(dim=2).mean(dim=0)
+            loss = loss + self.consistency * kl
+        if self.entropy:
+            loss = loss - self.entropy * (mean_p * log_mean).sum(dim=1)
+        loss = (weight * loss).sum() / weight.sum().clamp_min(1e-12)
+        self.train_acc(log_p[0], target.argmax(dim=1))
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x))
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
 
 
 class SelectorModule(SmoothingModule):
