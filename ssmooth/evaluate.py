@@ -24,6 +24,7 @@ from torch import nn
 from ssmooth import report
 from ssmooth.certify import kinds
 from ssmooth.certify.allocation import allocate, verify_allocation
+from ssmooth.certify.checks import check_run
 from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
 from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, certify_points_inductive
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
@@ -209,6 +210,7 @@ def certify_model(
     allocation, returning ``{"files": [row files]}``; with ``merge_from`` (the part folders) it first merges
     their rows into ``out_dir``, under its lock, so nothing is certified again. ``bar``: extra tqdm settings.
     """
+    check_run(points, base_sigma=base_sigma, grid=grid)
     cfg, sigma0, fp = _settled(model, points, cfg, base_sigma=base_sigma, grid=grid, dataset=dataset,
                                checkpoint_sha256=checkpoint_sha256, selector=selector)
     out = Path(out_dir)
