@@ -23,6 +23,7 @@ from torch import nn
 
 from ssmooth import report
 from ssmooth.certify import kinds
+from ssmooth.certify.checks import check_run
 from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
 from ssmooth.certify.kinds import CONSTANT_COLUMNS, SAMPLEWISE_ROW_COLUMNS  # noqa: F401 (importers use them here)
 from ssmooth.certify.results import RowWriter, read_rows, write_summary
@@ -164,7 +165,8 @@ def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, datas
         checkpoint_sha256=checkpoint_sha256, dataset=dataset, split=cfg.split,
         subset={"skip": cfg.skip, "max": cfg.max, "start": cfg.start}, indices=dataset_indices(points),
         labels=[int(y) for y in labels], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=cfg.policy, sigma=sigma,
-        grid=sorted(float(s) for s in grid) if samplewise and grid else None, selection=selection, seed=cfg.seed,
+        grid=sorted(float(s) for s in grid) if (samplewise or cfg.policy == "cascade") and grid else None,
+        selection=selection, seed=cfg.seed,
         autocast=cfg.autocast,
     )
     if cfg.sampling != "fixed":
@@ -219,6 +221,7 @@ def certify_model(
     allocation, returning ``{"files": [row files]}``; with ``merge_from`` (the part folders) it first merges
     their rows into ``out_dir``, under its lock, so nothing is certified again. ``bar``: extra tqdm settings.
     """
+    check_run(points, base_sigma=base_sigma, grid=grid)
     cfg, sigma0, fp = _settled(model, points, cfg, base_sigma=base_sigma, grid=grid, dataset=dataset,
                                checkpoint_sha256=checkpoint_sha256, selector=selector, experts=experts)
     out = Path(out_dir)

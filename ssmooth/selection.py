@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ssmooth.certify.checks import OutputCheck, check_inputs, check_levels
+
 
 def select_sigma(
     model: nn.Module,
@@ -33,8 +35,12 @@ def select_sigma(
 ) -> torch.Tensor:
     """Best level from `grid` for each sample of `x`: float32 [B] on x's device, values from the grid.
 
-    Ties between levels go to the smaller one. See `sigma_scores` for the arguments.
+    Ties between levels go to the smaller one. See `sigma_scores` for the arguments. Refused with a ValueError
+    naming the argument: an empty or non-finite ``x``, levels that are not finite and > 0, NaN or infinite
+    logits; a warning when ``x`` leaves [0, 1].
     """
+    check_inputs(x)
+    check_levels(grid, "grid")
     scores = sigma_scores(model, x, grid, num_samples, labels, generator, batch_size, soft, clip, streams=streams)
     levels = torch.tensor([float(s) for s in grid], dtype=torch.float64, device=scores.device)
     order = torch.argsort(levels, stable=True)
@@ -125,6 +131,7 @@ def _probabilities_at(model, x, point, sigma, num_samples, generator, batch_size
         row_offsets = [r * num_samples for r in range(len(point) + 1)]
         eps_buffer = torch.empty((min(batch_size, total), *x.shape[1:]), device=x.device, dtype=x.dtype)
     sums = None
+    check_output = OutputCheck(None, x.device)
     was_training = model.training
     model.eval()
     try:
@@ -139,6 +146,7 @@ def _probabilities_at(model, x, point, sigma, num_samples, generator, batch_size
                                       dtype=x.dtype)
                 scale = sigma[row].view(-1, *([1] * (x.ndim - 1)))
                 logits = model(x[point[row]] + scale * eps.to(x.device))
+                check_output(logits)
                 if soft:
                     votes = logits.float().softmax(dim=1)
                 else:
@@ -148,6 +156,7 @@ def _probabilities_at(model, x, point, sigma, num_samples, generator, batch_size
                 sums.index_add_(0, row, votes)
     finally:
         model.train(was_training)
+    check_output.finish()
     return sums / num_samples
 
 

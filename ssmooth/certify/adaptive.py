@@ -34,6 +34,7 @@ import torch
 from scipy.stats import beta
 from torch import nn
 
+from ssmooth.certify.checks import check_call, first_of
 from ssmooth.certify.core import ABSTAIN, Certificate, _as_sigma, _device_of, _noise_source, sample_counts
 from ssmooth.certify.stats import lower_confidence_bound, radius_from_pA
 
@@ -129,7 +130,8 @@ def certify_adaptive(
     bound uses n_i fresh draws only. ``Certificate.samples`` holds n0 + n_i, the forward passes each point cost.
     Noise as in ``certify``: per-point streams keyed by (``seed``, dataset index in ``indices``, purpose) when
     ``indices`` are given, else ``generator``; the pilot is the "selection" stream, the bound's draws the
-    "estimation" stream, so a point's pilot is the one fixed-n CERTIFY would draw for it.
+    "estimation" stream, so a point's pilot is the one fixed-n CERTIFY would draw for it. Inputs (one image
+    [C, H, W] too) and refusals as in ``certify``.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -142,6 +144,7 @@ def certify_adaptive(
     menu = default_sizes(n) if sizes is None else tuple(sorted({int(s) for s in sizes} | {n}))
     if menu[0] < 1 or menu[-1] > n:
         raise ValueError(f"sample sizes must lie in [1, n={n}], got {sorted(sizes)}")
+    x, single = check_call(x, sigma, num_classes)
     device = _device_of(model)
     sigma_t = _as_sigma(sigma, x.shape[0], device)
     kw = dict(batch_size=batch_size, num_classes=num_classes, autocast_dtype=autocast_dtype,
@@ -160,7 +163,8 @@ def certify_adaptive(
     votes = sample_counts(model, x, sigma_t, sizes_list, **kw,
                           **_noise_source(x, generator, seed, indices, "estimation", sizes_list, device)).cpu()
     nA = votes.gather(1, cA[:, None]).squeeze(1)
-    return certificate_from_counts(cA, nA, n_i, n0, alpha, sigma_np)
+    cert = certificate_from_counts(cA, nA, n_i, n0, alpha, sigma_np)
+    return first_of(cert) if single else cert
 
 
 def certificate_from_counts(cA: torch.Tensor, nA: torch.Tensor, n_i, n0: int, alpha: float, sigma) -> Certificate:

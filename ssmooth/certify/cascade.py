@@ -28,6 +28,7 @@ from scipy.stats import norm
 from torch import nn
 
 from ssmooth.certify.adaptive import choose_sample_sizes, default_sizes, pilot_interval
+from ssmooth.certify.checks import check_call
 from ssmooth.certify.core import ABSTAIN, _device_of, _noise_source, sample_counts
 from ssmooth.certify.run import certify_in_groups
 from ssmooth.certify.stats import lower_confidence_bound, upper_confidence_bound
@@ -109,6 +110,7 @@ def certify_cascade(
         raise ValueError(f"n0 and n must be >= 1, got n0={n0}, n={n}")
     if sampling not in ("fixed", "adaptive"):
         raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
+    x, _ = check_call(x, levels, num_classes, levels_name="levels")  # one image [C, H, W]: a batch of one
     levels, models = _ordered(models, levels)
     num_points = x.shape[0]
     prediction = torch.full((num_points,), ABSTAIN, dtype=torch.long)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssmooth.certify.checks import OutputCheck, check_call, check_levels, check_num_classes, first_of
 from ssmooth.certify.streams import NoiseStream, fill_from_streams, point_streams
 from ssmooth.certify.stats import lower_confidence_bound, radius_from_pA, two_sided_pvalue
 
@@ -38,8 +39,7 @@ def _as_sigma(sigma, num_points: int, device) -> torch.Tensor:
         sigma = sigma.expand(num_points)
     if sigma.shape != (num_points,):
         raise ValueError(f"sigma must be a float or a tensor of shape [{num_points}], got shape {tuple(sigma.shape)}")
-    if not bool((sigma > 0).all()):
-        raise ValueError(f"sigma must be > 0, got {sigma.min().item()}")
+    check_levels(sigma, "sigma")
     return sigma
 
 
@@ -81,9 +81,11 @@ def sample_counts(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if streams is not None and len(streams) != num_points:
         raise ValueError(f"{len(streams)} noise streams for {num_points} points")
+    check_num_classes(num_classes)
     device = _device_of(model)
     x = x.to(device)
     sigma = _as_sigma(sigma, num_points, device)
+    check_output = OutputCheck(num_classes, device)
     counts = torch.zeros(num_points * num_classes, dtype=torch.long, device=device)
     offsets = [0, *itertools.accumulate(nums)]  # point i owns flat positions offsets[i] .. offsets[i + 1] - 1
     total = offsets[-1]
@@ -112,12 +114,15 @@ def sample_counts(
                 batch = torch.addcmul(x[point], eps, sigma[point].view(-1, *[1] * (x.dim() - 1)))
                 if channels_last and batch.dim() == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                predicted = model(batch).argmax(dim=1)
+                logits = model(batch)
+                check_output(logits)
+                predicted = logits.argmax(dim=1)
                 # index_add_ rather than bincount: bincount on CUDA reads its input's range back to the host,
                 # a sync per chunk.
                 counts.index_add_(0, point * num_classes + predicted, ones[: stop - start])
     finally:
         model.train(was_training)
+    check_output.finish()
     return counts.view(num_points, num_classes)
 
 
@@ -163,11 +168,17 @@ def certify(
     Noise: with ``indices`` (the dataset index of every point) and ``seed``, point i's selection and estimation
     draws come from its own streams (``ssmooth.certify.streams``), so its result does not depend on which other
     points share the call or how they are batched; otherwise all draws come from ``generator`` in turn.
+
+    ``x`` holds [0, 1] pixels (a warning says when it does not); one image [C, H, W] is a batch of one, and
+    every field of its Certificate is then a 0-dim tensor (``int(cert.prediction)``, ``float(cert.radius)``).
+    Refused with a ValueError naming the argument: non-finite inputs, levels that are not finite and > 0, a
+    model whose output width is not ``num_classes`` (seen on the first batch), NaN or infinite logits.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if n0 < 1:
         raise ValueError(f"n0 must be >= 1, got {n0}")
+    x, single = check_call(x, sigma, num_classes)
     device = _device_of(model)
     sigma = _as_sigma(sigma, x.shape[0], device)
     kw = dict(batch_size=batch_size, num_classes=num_classes, autocast_dtype=autocast_dtype,
@@ -184,12 +195,13 @@ def certify(
     certified = pA_lower >= 0.5
     radius = np.where(certified, radius_from_pA(np.clip(pA_lower, 0.5, 1.0), sigma_np), 0.0)
     prediction = torch.where(torch.from_numpy(certified), cA.cpu(), torch.full_like(cA.cpu(), ABSTAIN))
-    return Certificate(
+    cert = Certificate(
         prediction=prediction,
         radius=torch.from_numpy(radius),
         pA_lower=torch.from_numpy(pA_lower),
         count=nA.cpu(),
     )
+    return first_of(cert) if single else cert
 
 
 def predict(
@@ -210,15 +222,20 @@ def predict(
     """PREDICT: the smoothed classifier's label per point, or ABSTAIN.
 
     With probability at least 1 - alpha, a non-abstained label is the top class of g_sigma(x). Noise as in
-    ``certify``: per-point "prediction" streams with ``seed`` and ``indices``, else ``generator``.
+    ``certify``: per-point "prediction" streams with ``seed`` and ``indices``, else ``generator``. Inputs and
+    refusals as in ``certify``; one image [C, H, W] gives a 0-dim label.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    x, single = check_call(x, sigma, num_classes)
     noise = _noise_source(x, generator, seed, indices, "prediction", n, _device_of(model))
     counts = sample_counts(model, x, sigma, n, batch_size=batch_size, num_classes=num_classes,
                            autocast_dtype=autocast_dtype, channels_last=channels_last, **noise)
+    if num_classes == 1:  # one class: the runner-up has no votes
+        counts = torch.cat([counts, torch.zeros_like(counts)], dim=1)
     top2 = counts.topk(2, dim=1)
     nA, nB = top2.values[:, 0].cpu().numpy(), top2.values[:, 1].cpu().numpy()
     pvalue = two_sided_pvalue(nA, nB)
     labels = top2.indices[:, 0].cpu()
-    return torch.where(torch.from_numpy(pvalue <= alpha), labels, torch.full_like(labels, ABSTAIN))
+    labels = torch.where(torch.from_numpy(pvalue <= alpha), labels, torch.full_like(labels, ABSTAIN))
+    return labels[0] if single else labels

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ssmooth.certify.adaptive import certify_adaptive
+from ssmooth.certify.checks import check_call, check_levels, first_of
 from ssmooth.certify.core import ABSTAIN, certify, predict
 from ssmooth.certify.run import certify_in_groups
 from ssmooth.certify.streams import point_seed
@@ -54,13 +55,6 @@ class InductiveCertificate:
     def selector_limits(self) -> torch.Tensor:
         """bool [B]: certified points whose radius is set by the selector (R_s < R_c)."""
         return (self.prediction != ABSTAIN) & (self.radius_selector < self.radius_classifier)
-
-
-def _check_grid(grid: Sequence[float]) -> torch.Tensor:
-    levels = torch.tensor([float(s) for s in grid], dtype=torch.float32)
-    if levels.numel() < 1 or not bool((levels > 0).all()):
-        raise ValueError(f"grid must be non-empty noise levels > 0, got {list(grid)}")
-    return levels
 
 
 def certify_inductive(
@@ -100,12 +94,13 @@ def certify_inductive(
     The classifier is run only on the points whose level was certified. ``classifier`` is one model used at
     every level, or a sequence of experts, one per grid level: expert k certifies at ``grid[k]`` the points
     routed to level k (expert routing; the same certificate, as each expert is just the classifier at its level).
+    Inputs (one image [C, H, W] too) and refusals as in ``certify``.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if not sigma_e > 0:
-        raise ValueError(f"sigma_e must be > 0, got {sigma_e}")
-    levels = _check_grid(grid)
+    x, single = check_call(x, grid, num_classes, levels_name="grid")
+    check_levels(sigma_e, "sigma_e")
+    levels = torch.tensor([float(s) for s in grid], dtype=torch.float32)
     if sampling not in ("fixed", "adaptive"):
         raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
     if not isinstance(classifier, nn.Module) and len(classifier) != len(levels):
@@ -143,9 +138,10 @@ def certify_inductive(
             samples[at] += _samples(cert, int(at.sum()), n0 + n)
     radius_selector = chosen.radius.to(torch.float64)
     radius = torch.where(prediction != ABSTAIN, torch.minimum(radius_selector, radius_classifier), 0.0)
-    return InductiveCertificate(level=chosen.prediction, sigma=sigma, radius_selector=radius_selector,
+    cert = InductiveCertificate(level=chosen.prediction, sigma=sigma, radius_selector=radius_selector,
                                 prediction=prediction, radius_classifier=radius_classifier, radius=radius,
                                 samples=samples)
+    return first_of(cert) if single else cert
 
 
 def _routes(classifier, level: torch.Tensor, ok: torch.Tensor):
@@ -190,7 +186,9 @@ def predict_inductive(
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    levels = _check_grid(grid)
+    x, single = check_call(x, grid, num_classes, levels_name="grid")
+    check_levels(sigma_e, "sigma_e")
+    levels = torch.tensor([float(s) for s in grid], dtype=torch.float32)
     options = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last)
     level = predict(selector, x, float(sigma_e), n=selector_n or n, alpha=alpha / 2, num_classes=len(levels),
                     generator=selector_generator, **options)
@@ -199,7 +197,7 @@ def predict_inductive(
     if bool(ok.any()):
         labels[ok] = predict(classifier, x[ok.to(x.device)], levels[level[ok]], n=n, alpha=alpha / 2,
                              num_classes=num_classes, generator=generator, **options)
-    return labels, level
+    return (labels[0], level[0]) if single else (labels, level)
 
 
 # Rows of the inductive certificate: the usual columns, then the chosen grid index and both radii.

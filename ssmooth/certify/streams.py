@@ -7,15 +7,26 @@ point's own generator. ``torch.randn(a)`` followed by ``torch.randn(b)`` from on
 ``torch.randn(a + b)`` (the vectorized kernels consume the generator in blocks), so cutting the draws wherever a
 forward batch happens to end would change the noise; fixed pieces make the k-th draw of a point one value.
 The same seed gives the same draws on the same kind of device (a CPU and a GPU generator differ).
+
+Every stream's generator depends on all 63 bits of its seed: two streams of a run never share draws. A GPU's
+Philox generator takes the whole seed; the CPU's Mersenne Twister keeps only the low 32 bits of ``manual_seed``
+(so two of 20,000 points could draw identical noise), and is given its whole state from the seed instead.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from bisect import bisect_right
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+# The version of the rules that turn settings into rows: bump it whenever the rows of unchanged settings would
+# change (the draws, their order or pieces, a statistic), so that a folder never mixes rows of two versions.
+# 2: CPU streams seeded with all 63 bits.
+SCHEME_VERSION = 2
 
 # What the draws are for; streams of different purposes of one point are independent, so CERTIFY's estimation
 # never reuses the draws that chose its class or its noise level.
@@ -47,6 +58,42 @@ def point_seed(seed: int, index: int, purpose: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` whose draws depend on every bit of ``seed`` (0 <= seed < 2^64).
+
+    On a CPU the Mersenne Twister's 624 state words are the SHAKE-256 expansion of the seed, set the way
+    ``manual_seed`` sets them (initial seed, one word left, none served); elsewhere the generator is Philox,
+    whose ``manual_seed`` keeps all 64 bits."""
+    generator = torch.Generator(device=device)
+    if generator.device.type != "cpu":
+        return generator.manual_seed(seed)
+    state = _cpu_state_template().clone()
+    raw = state.numpy()
+    raw[0:8] = np.frombuffer(np.uint64(seed).astype("<u8").tobytes(), np.uint8)
+    words = np.frombuffer(hashlib.shake_256(f"ssmooth-mt19937:{seed}".encode()).digest(4 * _MT_WORDS), "<u4")
+    raw[_MT_OFFSET : _MT_OFFSET + 8 * _MT_WORDS] = np.frombuffer(words.astype("<u8").tobytes(), np.uint8)
+    generator.set_state(state)
+    return generator
+
+
+_MT_WORDS = 624
+_MT_OFFSET = 24  # the state words (as uint64) follow: initial seed u64, left i32, seeded i32, next u64
+
+
+@functools.cache
+def _cpu_state_template() -> torch.Tensor:
+    """A freshly seeded CPU generator's state, after checking that its layout is the one written above (torch
+    documents none): a seed's initial value, then state[0] = seed and state[1] from the Twister's init rule."""
+    seed = 12345
+    state = torch.Generator().manual_seed(seed).get_state()
+    head = np.frombuffer(state.numpy()[:_MT_OFFSET + 16].tobytes(), "<u8")
+    expected_second = (1812433253 * (seed ^ (seed >> 30)) + 1) % 2**32
+    if head[0] != seed or head[1] != 1 + (1 << 32) or head[3] != seed or head[4] != expected_second:
+        raise RuntimeError(f"torch {torch.__version__} lays out the CPU generator's state in an unknown way: "
+                           "per-point noise streams cannot be seeded with all their bits")
+    return state
+
+
 class NoiseStream:
     """The ``total`` standard normal draws of one point, served in order: ``take(k)`` returns the next k.
 
@@ -61,7 +108,7 @@ class NoiseStream:
         self.device, self.dtype = torch.device(device), dtype
         values = PIECE_VALUES if self.device.type == "cpu" else PIECE_VALUES_ACCELERATOR
         self.piece = max(1, values // max(1, torch.Size(self.shape).numel()))
-        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.generator = seeded_generator(int(seed), self.device)
         self._buffer: torch.Tensor | None = None
         self._used = 0  # draws of the current piece already served
         self.drawn = 0  # draws served so far

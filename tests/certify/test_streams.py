@@ -8,7 +8,9 @@ from torch import nn
 from ssmooth.certify import certify, predict, sample_counts
 from ssmooth.certify.results import RowWriter, read_rows
 from ssmooth.certify.run import certify_points
-from ssmooth.certify.streams import PURPOSES, NoiseStream, point_seed, point_streams
+from ssmooth.certify.inductive import selector_seed
+from ssmooth.certify.streams import (PURPOSES, SCHEME_VERSION, NoiseStream, point_seed, point_streams,
+                                     seeded_generator)
 from ssmooth.selection import select_sigma
 
 SHAPE = (1, 6, 6)
@@ -44,6 +46,58 @@ def test_streams_are_standard_normal_and_independent_across_points_and_purposes(
     assert point_seed(1, 2, "level") == point_seed(1, 2, "level")
     with pytest.raises(ValueError, match="unknown noise purpose"):
         point_seed(0, 0, "estimaton")
+
+
+def test_two_streams_whose_seeds_share_their_low_32_bits_draw_different_noise():
+    # Before: the CPU generator kept 32 bits of a stream's seed, and with seed 20 points 14054 and 19634 drew
+    # identical noise for every sample
+    a, b = (point_seed(20, i, "estimation") for i in (14054, 19634))
+    assert a != b and a % 2**32 == b % 2**32
+    assert not torch.equal(NoiseStream(a, SHAPE, 5).take(5), NoiseStream(b, SHAPE, 5).take(5))
+    assert seeded_generator(a).initial_seed() == a
+    for bit in (0, 31, 32, 62):  # every bit of the seed changes the draws
+        assert not torch.equal(torch.randn(4, generator=seeded_generator(5)),
+                               torch.randn(4, generator=seeded_generator(5 ^ (1 << bit))))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_streams_use_every_bit_of_their_seed_too():
+    a, b = (point_seed(20, i, "estimation") for i in (14054, 19634))
+    draws = [NoiseStream(s, SHAPE, 5, device="cuda").take(5) for s in (a, b)]
+    assert not torch.equal(*draws)
+
+
+# Every stream a run can draw from: the run seed's purposes (the cascade's per level too), and the streams of the
+# inductive certificate's level selector, under a seed of their own.
+RUN_PURPOSES = [(0, p) for p in PURPOSES] + [(0, f"cascade{k}/{p}") for k in range(3)
+                                             for p in ("selection", "estimation")]
+RUN_PURPOSES += [(1, "selection"), (1, "estimation")]
+
+
+def distinct_first_draws(seed: int, num_points: int) -> None:
+    seeds = (seed, selector_seed(seed))
+    firsts = {tuple(torch.randn(2, generator=seeded_generator(point_seed(seeds[which], i, purpose))).tolist())
+              for i in range(num_points) for which, purpose in RUN_PURPOSES}
+    assert len(firsts) == num_points * len(RUN_PURPOSES)
+
+
+def test_no_two_streams_of_a_run_share_their_first_draws():
+    distinct_first_draws(20, 1000)
+
+
+@pytest.mark.slow
+def test_no_two_streams_of_a_run_of_20000_points_share_their_first_draws():
+    distinct_first_draws(20, 20_000)  # before: points 14054 and 19634 shared their estimation draws
+
+
+def test_the_scheme_version_names_these_draws():
+    # Rows are made of these draws. If this fails, rows of unchanged settings have changed: bump SCHEME_VERSION
+    # (run folders of the old rows are then refused instead of resumed) and write the new values here.
+    assert SCHEME_VERSION == 2
+    draws = NoiseStream(point_seed(0, 7, "estimation"), (3,), 2).take(2)
+    expected = [[1.1746066808700562, -0.26910391449928284, -0.5210855007171631],
+                [1.291256070137024, -0.24056854844093323, 1.0641156435012817]]
+    assert draws.tolist() == expected
 
 
 def tiny_model(num_classes=3, seed=0):
