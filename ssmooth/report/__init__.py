@@ -15,15 +15,18 @@ One module per job:
 Pure: numpy and pandas only; matplotlib (without pyplot, so no global backend) and rich load on first use.
 """
 from ssmooth.report.curves import (
+    ANY_INPUT,
+    THIS_TEST_SET,
     UNKNOWN_SOUNDNESS_MARK,
     UNSOUND_MARK,
     dataset_name,
     envelope,
+    envelopes,
     group_by_dataset,
     subset_note,
     title_of,
 )
-from ssmooth.report.document import PLOT_NAME, write_report
+from ssmooth.report.document import write_report
 from ssmooth.report.metrics import (
     ABSTAIN,
     UNKNOWN_DATASET,
@@ -36,15 +39,17 @@ from ssmooth.report.metrics import (
     standard_radii,
     summarize_rows,
 )
-from ssmooth.report.plots import plot_certified_accuracy
+from ssmooth.report.plots import PLOT_NAME, plot_certified_accuracy, plot_run
 from ssmooth.report.sources import LOG_COLUMNS, PUBLISHED, load_log, load_sources, load_summaries, read_log
 from ssmooth.report.tables import format_table, print_table
 
 __all__ = [
     "ABSTAIN",
+    "ANY_INPUT",
     "LOG_COLUMNS",
     "PLOT_NAME",
     "PUBLISHED",
+    "THIS_TEST_SET",
     "UNKNOWN_DATASET",
     "UNKNOWN_SOUNDNESS_MARK",
     "UNSOUND_MARK",
@@ -54,12 +59,14 @@ __all__ = [
     "dataset_key",
     "dataset_name",
     "envelope",
+    "envelopes",
     "format_table",
     "group_by_dataset",
     "load_log",
     "load_sources",
     "load_summaries",
     "plot_certified_accuracy",
+    "plot_run",
     "print_table",
     "radius_grid",
     "read_log",

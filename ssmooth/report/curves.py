@@ -25,6 +25,10 @@ from ssmooth.report.metrics import (
 )
 from ssmooth.report.sources import PUBLISHED, _cached_rows, read_log
 
+# Where a certificate holds (the same words as ssmooth.certify.kinds, which loads torch): envelopes never mix them.
+ANY_INPUT = "any input"
+THIS_TEST_SET = "this test set"
+SCOPES = (ANY_INPUT, THIS_TEST_SET)
 UNSOUND_MARK = "(unsound upper bound)"
 UNKNOWN_SOUNDNESS_MARK = "(soundness not recorded)"
 _DISPLAY = {"cifar10": "CIFAR-10", "mnist": "MNIST", "imagenet": "ImageNet", "digits": "digits"}
@@ -67,6 +71,17 @@ def _is_sound(variant: Mapping, variant_name: str = "") -> bool | None:
 
 
 _METHODS = {"gaussian": "Gaussian", "smoothadv": "SmoothAdv", "macer": "MACER", "consistency": "Consistency"}
+
+
+def _scope(variant_name: str, variant: Mapping) -> str:
+    """Where a sound certificate holds: as recorded, else this test set for a transductive one (its radii were
+    allocated over the evaluated points together) and any input for the rest (Cohen's certificate, published
+    logs, the inductive certificate)."""
+    setting = variant.get("setting")
+    if setting in SCOPES:
+        return setting
+    kind = _kind(variant_name, variant)
+    return THIS_TEST_SET if kind == "transductive" or kind.startswith("samplewise_") else ANY_INPUT
 
 
 def _method(summary: Mapping) -> str:
@@ -166,6 +181,7 @@ class _Curve:
         self.summary, self.variant_name, self.variant, self.headline = summary, variant_name, variant, headline
         self.job = _name(summary)
         self.sound = _is_sound(variant, variant_name)
+        self.scope = _scope(variant_name, variant) if self.sound else None
         self.label = _label(summary, variant_name, variant)
         self.rows = _variant_rows(summary, variant_name, variant)
 
@@ -191,6 +207,22 @@ def _curves(summaries, include_unsound: bool = True) -> list[_Curve]:
             curve = _Curve(summary, variant_name, variant, headline=i == 0)
             if include_unsound or curve.sound is True:
                 curves.append(curve)
+    return _distinct(curves)
+
+
+def _distinct(curves: list[_Curve]) -> list[_Curve]:
+    """Every curve gets a label of its own (a plot keyed by label would silently drop one of two equal
+    labels): a repeated label gets its run folder, then its variant, then a number."""
+    for extra in (lambda c: Path(str(c.summary.get("path") or "")).name, lambda c: c.variant_name):
+        labels = [c.label for c in curves]
+        for curve in curves:
+            if labels.count(curve.label) > 1 and extra(curve):
+                curve.label = f"{curve.label} [{extra(curve)}]"
+    seen: dict[str, int] = {}
+    for curve in curves:
+        seen[curve.label] = seen.get(curve.label, 0) + 1
+        if seen[curve.label] > 1:
+            curve.label = f"{curve.label} #{seen[curve.label]}"
     return curves
 
 
@@ -287,15 +319,28 @@ def _check_one_dataset(summaries) -> None:
                          "(use group_by_dataset)")
 
 
-def envelope(summaries, radii=None) -> tuple[np.ndarray, list[str | None]]:
+def envelope(summaries, radii=None, scope: str = ANY_INPUT) -> tuple[np.ndarray, list[str | None]]:
     """Best certified accuracy at each radius (default: the dataset's standard grid) over every SOUND variant
-    of every source, and the curve that reaches it. An upper bound or a variant of unrecorded soundness is no
+    of every source that holds for ``scope`` ("any input" or "this test set"), and the curve that reaches it.
+    Scopes are never mixed: a transductive certificate holds only for the evaluated set and never carries the
+    envelope of certificates for any input. An upper bound or a variant of unrecorded soundness is no
     certificate and never counts. NaN and None where no variant is known at a radius. Raises ValueError for
-    sources of more than one dataset."""
+    sources of more than one dataset, or an unknown scope."""
+    found = envelopes(summaries, radii, scopes=(scope,))
+    return found[scope] if scope in found else _grid_envelope([], _table_radii(_as_list(summaries), radii))
+
+
+def envelopes(summaries, radii=None, scopes=SCOPES) -> dict[str, tuple[np.ndarray, list[str | None]]]:
+    """``envelope`` for every scope in ``scopes`` that some sound variant holds for, in that order."""
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown:
+        raise ValueError(f"scope {unknown[0]!r} must be one of {SCOPES}")
     summaries = _as_list(summaries)
     _check_one_dataset(summaries)
     radii = _table_radii(summaries, radii)
-    return _grid_envelope(_curves(summaries, include_unsound=False), radii)
+    curves = _curves(summaries, include_unsound=False)
+    return {scope: _grid_envelope([c for c in curves if c.scope == scope], radii)
+            for scope in scopes if any(c.scope == scope for c in curves)}
 
 
 def _grid_envelope(curves, radii) -> tuple[np.ndarray, list[str | None]]:

@@ -15,18 +15,15 @@ from ssmooth.report.curves import (
     _table_radii,
     _variants,
     dataset_name,
-    envelope,
+    envelopes,
     group_by_dataset,
     subset_note,
     title_of,
 )
 from ssmooth.report.metrics import UNKNOWN_DATASET
-from ssmooth.report.plots import plot_certified_accuracy
+from ssmooth.report.plots import PLOT_NAME, plot_certified_accuracy
 from ssmooth.report.sources import PUBLISHED, load_sources
 from ssmooth.report.tables import _drop_empty_columns, _fmt, _latex_escape, _markdown, _table, format_table
-
-PLOT_NAME = "certified_accuracy.png"
-
 
 def _duration(seconds) -> str:
     if seconds is None:
@@ -86,7 +83,8 @@ def write_report(dir, out: str | os.PathLike | None = None, radii=None, labels: 
     """Write ``report.md`` (tables, envelopes, notes, plots, settings), ``report.tex`` (a booktabs table per
     dataset, sound certificates only unless ``include_unsound``) and a plot per dataset (PNG and PDF) into
     ``out`` for every run, sweep and published log in ``dir`` (one path or a list; see ``load_sources`` for
-    ``labels``, ``dataset`` and ``datasets``). ``out`` defaults to ``dir`` when it is one folder.
+    ``labels``, ``dataset`` and ``datasets``). ``out`` defaults to ``dir`` when it is one folder, and to a folder
+    named after it beside one published log (see ``default_out``).
 
     ``summaries`` already loaded from ``dir`` by ``load_sources`` are used as they are.
 
@@ -123,12 +121,23 @@ def write_report(dir, out: str | os.PathLike | None = None, radii=None, labels: 
             "pdfs": pdfs}
 
 
+def default_out(paths: list) -> Path | None:
+    """Where a report goes when no ``out`` is given: the folder itself for one folder (a run or a sweep), the
+    run folder for one ``summary.json``, a folder beside one published log named after it (``noise_0.25.tsv``
+    -> ``noise_0.25_report/``); None for several sources."""
+    if len(paths) != 1:
+        return None
+    path = Path(paths[0])
+    if path.is_dir():
+        return path
+    return path.parent if path.name == "summary.json" else path.parent / f"{path.stem}_report"
+
+
 def _out_dir(paths: list, out) -> Path:
+    out = default_out(paths) if out is None else Path(out)
     if out is None:
-        if len(paths) != 1 or not Path(paths[0]).is_dir():
-            raise ValueError("say where to write the report (out) when the sources are not one folder")
-        out = paths[0]
-    return Path(out)
+        raise ValueError("say where to write the report (out) when there are several sources")
+    return out
 
 
 def _dataset_section(key: str, group: list[dict], radii, plot_path: Path) -> list[str]:
@@ -155,8 +164,21 @@ def _dataset_section(key: str, group: list[dict], radii, plot_path: Path) -> lis
 
 
 def _envelope_section(group: list[dict], radii) -> list[str]:
-    best, best_name = envelope(group, radii)
-    # A curve is named only where it certifies something: at 0 % every curve ties.
-    rows = [[f"{r:g}", _fmt(100 * b, ".1f"), n if b > 0 else ""] for r, b, n in zip(radii, best, best_name)]
-    return ["Envelope: the best sound certificate at each radius over every variant above.", "",
-            _markdown(["r", "certified accuracy %", "reached by"], rows, 0, 2), ""]
+    """One envelope per scope, side by side: certificates for any input and for this test set never mix."""
+    found = envelopes(group, radii)
+    if not found:
+        return []
+    header, columns = ["r"], [[f"{r:g}" for r in radii]]
+    for scope, (best, names) in found.items():
+        header += [f"{scope} %", "reached by"]
+        columns.append([_fmt(100 * b, ".1f") for b in best])
+        # A curve is named only where it certifies something: at 0 % every curve ties.
+        columns.append([n if b > 0 else "" for b, n in zip(best, names)])
+    rows = [list(cells) for cells in zip(*columns)]
+    text = (f"Envelope: the best sound certificate for {next(iter(found))} at each radius over every variant above."
+            if len(found) == 1 else
+            "Envelopes: the best sound certificate at each radius, one per scope (where the certificate holds): "
+            "certificates for any input, and transductive certificates, which hold for this test set only. "
+            "The two are never mixed.")
+    right = {i for i, h in enumerate(header) if h != "reached by"}
+    return [text, "", _markdown(header, rows, right=right), ""]

@@ -5,22 +5,34 @@ from pathlib import Path
 
 import numpy as np
 
-from ssmooth.report.curves import UNSOUND_MARK, _as_list, _check_one_dataset, _curves, _grid_envelope
+from ssmooth.report.curves import (
+    ANY_INPUT,
+    SCOPES,
+    THIS_TEST_SET,
+    UNSOUND_MARK,
+    _as_list,
+    _check_one_dataset,
+    _curves,
+    _grid_envelope,
+)
 from ssmooth.report.metrics import certified_accuracy, certified_accuracy_curve
 
+PLOT_NAME = "certified_accuracy.png"
 _LINESTYLES = ["-", (0, (5, 1)), "-.", (0, (3, 1, 1, 1, 1, 1))]
 
 
 def plot_certified_accuracy(summaries, path, envelope: bool = True, title: str | None = None,
                             include_unsound: bool = False) -> dict:
     """Certified accuracy (%) against l2 radius: one curve per sound variant of every source (unsound ones
-    dotted, only with ``include_unsound``) and, with ``envelope``, the best sound certificate at each radius as
-    a thick dashed black line drawn on top. Saves ``path`` (PNG) and the same name with ``.pdf``.
+    dotted, only with ``include_unsound``) and, with ``envelope``, the best sound certificate at each radius,
+    one envelope per scope (any input: thick dashed black; this test set: thick dash-dotted dark red), drawn on
+    top. Saves ``path`` (PNG) and the same name with ``.pdf``.
 
     A variant whose rows are at hand is drawn as its exact step curve (see ``certified_accuracy_curve``); else
-    its summary grid is drawn as markers joined by lines. The envelope is exact when every sound curve is
-    exact, else it is taken on the grid. Sources must share one dataset when ``envelope`` is on.
-    Returns ``{"path", "pdf", "curves": {label: (x, y)}, "envelope": (x, y) or None}`` with y in [0, 1].
+    its summary grid is drawn as markers joined by lines. An envelope is exact when every sound curve of its
+    scope is exact, else it is taken on the grid. Sources must share one dataset when ``envelope`` is on.
+    Returns ``{"path", "pdf", "curves": {label: (x, y)}, "envelopes": {scope: (x, y)}, "envelope": the any-input
+    envelope or None}`` with y in [0, 1].
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI, safe in threads
 
@@ -29,22 +41,33 @@ def plot_certified_accuracy(summaries, path, envelope: bool = True, title: str |
         _check_one_dataset(summaries)
     curves = _curves(summaries, include_unsound)
     drawn = _drawable(curves)
-    sound = [c for c in curves if c.sound is True]
-    envelope_exact = all(c.rows is not None for c in sound)
-    envelope_xy = _envelope_xy(sound, drawn, envelope_exact) if envelope and sound else None
-
     x_end = 1.05 * max([0.25] + [float(xy[0][-1]) for xy, _, _ in drawn.values()])
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.add_subplot()
     _draw_curves(ax, drawn, x_end)
-    if envelope_xy is not None:
-        label = "envelope: best sound certificate" + ("" if envelope_exact else " (on the grid)")
-        _draw_envelope(ax, envelope_xy, envelope_exact, x_end, label)
-    _finish(fig, ax, x_end, title, len(drawn))
+    envelopes = {}
+    for scope in SCOPES if envelope else ():
+        sound = [c for c in curves if c.sound is True and c.scope == scope]
+        if sound:
+            exact = all(c.rows is not None for c in sound)
+            envelopes[scope] = _envelope_xy(sound, drawn, exact)
+            _draw_envelope(ax, envelopes[scope], exact, x_end, scope)
+    _finish(fig, ax, x_end, title, len(drawn) + len(envelopes))
     path = Path(path)
     pdf = _save(fig, path)
     curves_xy = {label: xy for label, (xy, _, _) in drawn.items()}
-    return {"path": str(path), "pdf": str(pdf), "curves": curves_xy, "envelope": envelope_xy}
+    return {"path": str(path), "pdf": str(pdf), "curves": curves_xy, "envelopes": envelopes,
+            "envelope": envelopes.get(ANY_INPUT)}
+
+
+def plot_run(summary: dict, run_dir, path=None, title: str | None = None) -> dict:
+    """The plot of one finished run: the exact step curve of each sound certificate from the rows in
+    ``run_dir`` (never grid points joined by lines, which would show accuracy between two radii that no point
+    reaches), no envelope. Saves ``path`` (default ``run_dir/certified_accuracy.png``) and its PDF; returns
+    what ``plot_certified_accuracy`` returns."""
+    run_dir = Path(run_dir)
+    located = {**summary, "path": str(run_dir)}  # where the rows files are
+    return plot_certified_accuracy([located], path or run_dir / PLOT_NAME, envelope=False, title=title)
 
 
 def _drawable(curves) -> dict:
@@ -84,10 +107,15 @@ def _draw_curves(ax, drawn: dict, x_end: float) -> None:
             ax.plot(x, 100 * np.asarray(y), marker="o", markersize=3, **style)
 
 
-def _draw_envelope(ax, xy, exact: bool, x_end: float, label: str) -> None:
+_ENVELOPE_STYLES = {ANY_INPUT: {"color": "black", "linestyle": (0, (4, 2))},
+                    THIS_TEST_SET: {"color": "darkred", "linestyle": (0, (6, 2, 1, 2))}}
+
+
+def _draw_envelope(ax, xy, exact: bool, x_end: float, scope: str) -> None:
     x, y = xy
+    label = f"envelope, {scope}: best sound certificate" + ("" if exact else " (on the grid)")
     # On top of the curves it bounds, so that it stays visible where it coincides with one of them.
-    style = {"color": "black", "linestyle": (0, (4, 2)), "linewidth": 2.4, "alpha": 0.85, "zorder": 3}
+    style = {**_ENVELOPE_STYLES[scope], "linewidth": 2.4, "alpha": 0.85, "zorder": 3}
     if exact:
         ax.step(np.append(x, x_end), 100 * np.append(y, 0.0), where="pre", label=label, **style)
     else:

@@ -74,11 +74,14 @@ def _read_summary(file: Path, root: Path) -> dict | None:
 
 
 def _unique_names(summaries: list[dict]) -> list[dict]:
-    """Two sources with one name get their relative folder (or file) appended, so rows stay distinct."""
-    names = [s["name"] for s in summaries]
-    for summary in summaries:
-        if names.count(summary["name"]) > 1:
-            summary["name"] = f"{summary['name']} [{summary.get('_relative') or summary['path']}]"
+    """Two sources with one name get their relative folder (or file) appended, so rows and curves stay
+    distinct: the run's own folder name when it was given itself, and its full path if that still repeats."""
+    for where in (lambda s: s.get("_relative") if s.get("_relative") not in (None, ".") else Path(s["path"]).name,
+                  lambda s: s.get("rows_file") or s["path"]):
+        names = [s["name"] for s in summaries]
+        for summary in summaries:
+            if names.count(summary["name"]) > 1:
+                summary["name"] = f"{summary['name']} [{where(summary)}]"
     for summary in summaries:
         summary.pop("_relative", None)
     return sorted(summaries, key=lambda s: (_natural_key(s["name"]), s["path"]))

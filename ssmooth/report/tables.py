@@ -69,13 +69,16 @@ def _table(summaries, radii, include_unsound: bool = True):
     return header, rows, sound, (5, len(header) - 1)
 
 
-def _markdown(header: list[str], rows: list[list[str]], numeric_from: int = 2, numeric_to: int | None = None) -> str:
+def _markdown(header: list[str], rows: list[list[str]], numeric_from: int = 2, numeric_to: int | None = None,
+              right: set[int] | None = None) -> str:
+    """A markdown table; columns ``numeric_from`` to ``numeric_to`` (or those in ``right``) right-aligned."""
     numeric_to = len(header) if numeric_to is None else numeric_to
+    right = set(range(numeric_from, numeric_to)) if right is None else right
 
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-    align = ["---:" if numeric_from <= i < numeric_to else "---" for i in range(len(header))]
+    align = ["---:" if i in right else "---" for i in range(len(header))]
     return "\n".join([line(header), "|" + "|".join(align) + "|", *[line(row) for row in rows]])
 
 
