@@ -1,6 +1,7 @@
 """Known answers for certified accuracy and ACR, and a fake sweep through tables, plot and the CLI."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from rich.console import Console
 
 from ssmooth.cli.report import main
 from ssmooth.report import (
@@ -26,6 +28,7 @@ from ssmooth.report import (
     load_summaries,
     plot_certified_accuracy,
     plot_run,
+    print_table,
     radius_grid,
     read_log,
     read_rows,
@@ -620,3 +623,29 @@ def test_cli_one_log_without_out_writes_beside_it(tmp_path, capsys):
     out = tmp_path / "cohen" / "noise_0.25_report"
     assert (out / "report.md").is_file() and (out / "report.tex").is_file()
     assert f"report written into {out}" in capsys.readouterr().out
+
+
+def _with_best_level(sweep: Path, **extra) -> Path:
+    """The sample-wise job of the sweep with the best single level of its grid, as the certify step records it."""
+    run = sweep / "samplewise" / "2"
+    summary = json.loads((run / "summary.json").read_text())
+    summary["variants"]["constant_best"] = {**summary["variants"]["constant"], "kind": "constant_best",
+                                            "sound": True, "setting": "any input", "sigma": 0.25, **extra}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_best_single_level_says_it_was_chosen_on_the_evaluated_points(sweep):
+    _with_best_level(sweep)
+    summaries = load_summaries(sweep)
+    markdown = format_table(summaries)
+    best = next(line for line in markdown.splitlines() if "| constant_best" in line)
+    assert "level chosen on the evaluated points" in best
+    caption = re.search(r"\\caption\{(.*)\}", format_table(summaries, fmt="latex")).group(1)
+    assert "level chosen on the evaluated points" in caption
+    console = Console(file=io.StringIO(), width=120)
+    print_table(summaries, console=console)
+    assert "level chosen on the evaluated points" in console.file.getvalue()
+    # a note recorded by the certificate itself is shown as it is
+    _with_best_level(sweep, note="level chosen on the evaluated points (ACR, labels used)")
+    assert "level chosen on the evaluated points (ACR, labels used)" in format_table(load_summaries(sweep))

@@ -101,13 +101,27 @@ def _sigma(summary: Mapping, variant_name: str, variant: Mapping) -> str:
 
 
 def _certificate(variant_name: str, variant: Mapping) -> str:
-    """Kind, allocation rule and the inputs it holds for, e.g. "transductive (fill), this test set"."""
+    """Kind, allocation rule and the inputs it holds for, e.g. "transductive (fill), this test set", and what a
+    reader must know to weigh it (e.g. that the best single level was chosen on the evaluated points)."""
     text = _kind(variant_name, variant)
     if variant.get("allocation") and text == "transductive":
         text += f" ({variant['allocation']})"
     if variant.get("setting"):
         text += f", {variant['setting']}"
-    return text
+    caveat = _caveat(variant_name, variant)
+    return f"{text}; {caveat}" if caveat else text
+
+
+CHOSEN_ON_POINTS = "level chosen on the evaluated points, with their labels"
+
+
+def _caveat(variant_name: str, variant: Mapping) -> str | None:
+    """The best single level is a real certificate at each level, but picking the level on the evaluated points
+    with their labels favours it: say so wherever it appears (the summary's note when it says so itself)."""
+    if "constant_best" not in (variant_name, variant.get("kind")):
+        return None
+    note = str(variant.get("note") or "")
+    return note if "chosen on the evaluated points" in note else CHOSEN_ON_POINTS
 
 
 def _label(summary: Mapping, variant_name: str, variant: Mapping) -> str:

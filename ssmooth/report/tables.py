@@ -9,6 +9,7 @@ from ssmooth.report.curves import (
     UNKNOWN_SOUNDNESS_MARK,
     UNSOUND_MARK,
     _as_list,
+    _caveat,
     _certificate,
     _curves,
     _describe,
@@ -16,6 +17,7 @@ from ssmooth.report.curves import (
     _method,
     _sigma,
     _table_radii,
+    _variants,
     dataset_name,
     group_by_dataset,
     subset_note,
@@ -160,11 +162,16 @@ def format_table(summaries, radii=None, fmt: str = "markdown", include_unsound: 
 
 
 def _caption(text: str, group) -> str:
-    """The caption states what a reader needs: the measure and, when shared, the evaluated points."""
+    """The caption states what a reader needs: the measure, when shared the evaluated points, and how the best
+    single level was chosen when it is in the table."""
     indices = {_indices(s) for s in group}
     if len(indices) == 1 and None not in indices:
         text += f" ({_describe(next(iter(indices)))} of the test set)"
-    return text + "; an abstain counts as wrong. ACR: average certified radius."
+    text += "; an abstain counts as wrong. ACR: average certified radius."
+    caveats = dict.fromkeys(c for s in group for n, v in _variants(s) if (c := _caveat(n, v)))
+    for caveat in caveats:
+        text += f" constant_best: Cohen's certificate at the best single level of the grid ({caveat}; this favours it)."
+    return text
 
 
 def print_table(summaries, radii=None, title: str | None = None, console=None) -> None:
