@@ -26,6 +26,7 @@ from ssmooth.report import (
     group_by_dataset,
     load_sources,
     load_summaries,
+    paired_difference,
     plot_certified_accuracy,
     plot_run,
     print_table,
@@ -594,8 +595,10 @@ def test_two_sources_with_one_name_keep_both_curves(tmp_path):
     assert sorted(s["name"] for s in summaries) == ["lenet [adaptive]", "lenet [fixed]"]
     drawn = plot_certified_accuracy(summaries, tmp_path / "plot.png")
     assert len(drawn["curves"]) == 2
-    # summaries handed over directly, with one name: still two curves, told apart by their folders
-    same = [json.loads((run / "summary.json").read_text()) | {"path": str(run)} for run in (fixed, adaptive)]
+    assert sum("adaptive sampling" in label for label in drawn["curves"]) == 1
+    # summaries handed over directly, with one name and one sampling: still two curves, told apart by folder
+    same = [json.loads((run / "summary.json").read_text()) | {"path": str(run), "sampling": "fixed"}
+            for run in (fixed, adaptive)]
     labels = list(plot_certified_accuracy(same, tmp_path / "same.png")["curves"])
     assert len(labels) == 2 and "[fixed]" in labels[0] and "[adaptive]" in labels[1]
 
@@ -649,3 +652,72 @@ def test_best_single_level_says_it_was_chosen_on_the_evaluated_points(sweep):
     # a note recorded by the certificate itself is shown as it is
     _with_best_level(sweep, note="level chosen on the evaluated points (ACR, labels used)")
     assert "level chosen on the evaluated points (ACR, labels used)" in format_table(load_summaries(sweep))
+
+
+def test_paired_difference_known_answer():
+    rows = pd.DataFrame({"idx": [0, 1, 2, 3], "radius": [1.0, 0.5, 0.8, 0.3], "correct": [1, 1, 0, 1],
+                         "predict": [1, 1, 2, -1]})
+    baseline = pd.DataFrame({"idx": [3, 2, 1, 0, 9], "radius": [0.2, 0.4, 0.5, 0.5, 1.0], "correct": 1})
+    # per point (idx 0..3): mine 1.0, 0.5, 0 (wrong), 0 (abstain); baseline 0.5, 0.5, 0.4, 0.2; idx 9 not shared
+    d = paired_difference(rows, baseline)
+    differences = np.array([0.5, 0.0, -0.4, -0.2])
+    assert d["num_points"] == 4 and d["better"] == 1 and d["worse"] == 2
+    assert d["mean"] == pytest.approx(differences.mean())
+    assert d["se"] == pytest.approx(differences.std(ddof=1) / 2)
+    with pytest.raises(ValueError, match="share no"):
+        paired_difference(rows, baseline[baseline["idx"] == 9])
+
+
+def _stage(root: Path, name: str, variants: dict[str, pd.DataFrame], main: str, radii, **fields) -> None:
+    run = root / name
+    run.mkdir(parents=True)
+    entries = {}
+    for variant, rows in variants.items():
+        rows.to_csv(run / f"certify_{variant}.tsv", sep="\t", index=False)
+        kind = {"samplewise_fill": "samplewise_fill"}.get(variant, variant)
+        entries[variant] = _variant(rows, radii, sound=True, kind=kind, sigma=0.5, rows_file=f"certify_{variant}.tsv",
+                                    setting="this test set" if variant == "samplewise_fill" else "any input",
+                                    forward_passes=4_004_000)
+    (run / "summary.json").write_text(json.dumps({**_summary(f"demo/{name}", 0.5, "x", main, entries, radii),
+                                                  "dataset": "cifar10", **fields}))
+
+
+def test_terminal_table_is_short_marked_and_without_repeats(tmp_path):
+    """A pipeline's stages: the selector stage certifies the constant level again (one row, not two); the
+    terminal table stays within 120 columns on a wide terminal, marks the headline, names adaptive runs and
+    explains the kinds in one line; report.md pairs every certificate with the best single level."""
+    rng = np.random.default_rng(11)
+    radii = standard_radii("cifar10")
+    constant, best = _fake_rows(rng, 40, 0.5, 0.9), _fake_rows(rng, 40, 0.25, 0.9)
+    _stage(tmp_path, "finetune_samplewise", {"samplewise_fill": _fake_rows(rng, 40, 0.5, 0.9),
+                                             "constant": constant, "constant_best": best}, "samplewise_fill", radii)
+    _stage(tmp_path, "selector", {"inductive": _fake_rows(rng, 40, 0.5, 0.9), "constant": constant}, "inductive",
+           radii)
+    _stage(tmp_path, "adaptive_run", {"constant": _fake_rows(rng, 40, 0.5, 0.9)}, "constant", radii,
+           sampling="adaptive")
+    summaries = load_sources([tmp_path])
+    console = Console(file=io.StringIO(), width=200)
+    print_table(summaries, console=console)
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 120
+    rows = [line for line in lines if line.startswith(" demo/")]
+    assert len(rows) == 5  # fill, constant, best level, inductive, adaptive: the selector's constant is not repeated
+    assert sum("demo/selector" in row for row in rows) == 1
+    header = next(line for line in lines if "holds for" in line).split()
+    assert header[:4] == ["job", "certificate", "holds", "for"] and header[-4:] == ["ACR", "abstain", "%", "passes"]
+    assert [h for h in header if re.fullmatch(r"\d+(\.\d+)?", h)] == ["0", "0.5", "1", "1.5", "2"]
+    assert "transductive fill *" in next(row for row in rows if "finetune_samplewise" in row and "transductive" in row)
+    assert "constant σ=0.5 adaptive" in next(row for row in rows if "adaptive_run" in row)
+    assert all(row.rstrip().endswith("4.0M") for row in rows)
+    assert "any input†" in next(row for row in rows if "best level" in row)
+    legend = next(line for line in lines if line.startswith("constant: one σ"))
+    assert "transductive" in legend and "inductive" in legend and "best level" in legend
+    assert any("also certified, identically, by demo/selector" in line for line in lines)
+
+    text = Path(write_report(tmp_path, tmp_path / "out")["markdown"]).read_text()
+    paired = _markdown_table(text, "job | certificate | against")
+    assert {r[0] for r in paired} == {"demo/adaptive_run", "demo/finetune_samplewise", "demo/selector"}
+    fill = next(r for r in paired if r[1].startswith("samplewise_fill"))
+    expected = paired_difference(read_rows(tmp_path / "finetune_samplewise" / "certify_samplewise_fill.tsv"),
+                                 best)
+    assert fill[3] == f"{expected['mean']:+.4f}" and fill[6] == "40"

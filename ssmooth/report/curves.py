@@ -194,10 +194,14 @@ class _Curve:
     def __init__(self, summary: Mapping, variant_name: str, variant: Mapping, headline: bool):
         self.summary, self.variant_name, self.variant, self.headline = summary, variant_name, variant, headline
         self.job = _name(summary)
+        self.kind = _kind(variant_name, variant)
         self.sound = _is_sound(variant, variant_name)
         self.scope = _scope(variant_name, variant) if self.sound else None
-        self.label = _label(summary, variant_name, variant)
+        self.adaptive = "adaptive" in (summary.get("sampling"), variant.get("sampling"))
+        self.certificate = _certificate(variant_name, variant) + (", adaptive sampling" if self.adaptive else "")
+        self.label = _label(summary, variant_name, variant) + (", adaptive sampling" if self.adaptive else "")
         self.rows = _variant_rows(summary, variant_name, variant)
+        self.repeated_in: list[str] = []  # other jobs that hold exactly this certificate (shown once)
 
     def values(self, radii) -> list[float | None]:
         if self.rows is not None:
@@ -221,7 +225,31 @@ def _curves(summaries, include_unsound: bool = True) -> list[_Curve]:
             curve = _Curve(summary, variant_name, variant, headline=i == 0)
             if include_unsound or curve.sound is True:
                 curves.append(curve)
-    return _distinct(curves)
+    return _distinct(_without_repeats(curves))
+
+
+def _same_certificate(a: _Curve, b: _Curve) -> bool:
+    """Two variants of two runs that are one certificate: same kind and level, same points, same radii (e.g. a
+    later stage that certifies the same classifier at the same level again)."""
+    if a.summary is b.summary or a.kind != b.kind or a.variant.get("sigma") != b.variant.get("sigma"):
+        return False
+    if a.rows is not None and b.rows is not None:
+        return all(np.array_equal(a.rows[c].to_numpy(), b.rows[c].to_numpy()) for c in ("idx", "radius", "correct"))
+    keys = ("certified_accuracy", "acr", "abstain_rate", "num_points")
+    return all(a.variant.get(k) == b.variant.get(k) for k in keys) and _indices(a.summary) == _indices(b.summary)
+
+
+def _without_repeats(curves: list[_Curve]) -> list[_Curve]:
+    """A variant that repeats another run's certificate is shown once: a run's headline is always kept, a
+    repeat that is not a headline is dropped and named in ``repeated_in`` of the one kept."""
+    kept: list[_Curve] = []
+    for curve in sorted(curves, key=lambda c: not c.headline):  # headlines first: never dropped for a repeat
+        original = next((k for k in kept if _same_certificate(k, curve)), None) if not curve.headline else None
+        if original is None:
+            kept.append(curve)
+        else:
+            original.repeated_in.append(curve.job)
+    return [c for c in curves if c in kept]
 
 
 def _distinct(curves: list[_Curve]) -> list[_Curve]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ssmooth.report.curves import (
     UNSOUND_MARK,
+    _curves,
     _describe,
     _is_sound,
     _name,
@@ -20,7 +21,7 @@ from ssmooth.report.curves import (
     subset_note,
     title_of,
 )
-from ssmooth.report.metrics import UNKNOWN_DATASET
+from ssmooth.report.metrics import UNKNOWN_DATASET, paired_difference
 from ssmooth.report.plots import PLOT_NAME, plot_certified_accuracy
 from ssmooth.report.sources import PUBLISHED, load_sources
 from ssmooth.report.tables import _drop_empty_columns, _fmt, _latex_escape, _markdown, _table, format_table
@@ -157,7 +158,7 @@ def _dataset_section(key: str, group: list[dict], radii, plot_path: Path) -> lis
         lines += [f"Variants marked {UNSOUND_MARK} list per-point radii before the transductive allocation: "
                   "an upper bound, not a certificate. They are in no envelope.", ""]
     if key != UNKNOWN_DATASET:
-        lines += _envelope_section(group, radii)
+        lines += _envelope_section(group, radii) + _paired_section(group)
     lines += [f"![certified accuracy against radius, {dataset_name(key)}]({plot_path.name}) "
               f"([PDF]({plot_path.with_suffix('.pdf').name}))", ""]
     return lines
@@ -182,3 +183,29 @@ def _envelope_section(group: list[dict], radii) -> list[str]:
             "The two are never mixed.")
     right = {i for i, h in enumerate(header) if h != "reached by"}
     return [text, "", _markdown(header, rows, right=right), ""]
+
+
+def _paired_section(group: list[dict]) -> list[str]:
+    """Each sound certificate against the best single level (constant_best) of its run, or the only one of the
+    dataset, point by point on the points both certified."""
+    curves = [c for c in _curves(group, include_unsound=False) if c.rows is not None]
+    baselines = [c for c in curves if c.kind == "constant_best"]
+    rows = []
+    for curve in curves:
+        if curve in baselines:
+            continue
+        own = [b for b in baselines if b.summary is curve.summary]
+        base = own[0] if own else baselines[0] if len(baselines) == 1 else None
+        if base is None or not set(base.rows["idx"]) & set(curve.rows["idx"]):
+            continue
+        d = paired_difference(curve.rows, base.rows)
+        rows.append([curve.job, curve.certificate, f"{base.job} {base.variant_name}", f"{d['mean']:+.4f}",
+                     _fmt(d["se"], ".4f"), f"{d['better']} / {d['worse']}", str(d["num_points"])])
+    if not rows:
+        return []
+    text = ("Against the best single level (constant_best, its level chosen on the evaluated points with their "
+            "labels, which favours it): the mean difference of per-point certified radii (0 where wrong or "
+            "abstained) on the points both certified, its standard error, and how many points gained or lost "
+            "radius.")
+    header = ["job", "certificate", "against", "ACR difference", "standard error", "better / worse", "points"]
+    return [text, "", _markdown(header, rows, 3, 7), ""]

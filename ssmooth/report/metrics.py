@@ -117,3 +117,37 @@ def read_rows(path: str | os.PathLike) -> pd.DataFrame:
     duplicates), sorted by index. Mirrors ``ssmooth.certify.results.read_rows`` without loading torch."""
     frame = pd.read_csv(path, sep="\t")
     return frame.drop_duplicates("idx", keep="first").sort_values("idx").reset_index(drop=True)
+
+
+def paired_difference(rows, baseline) -> dict:
+    """The difference of per-point certified radii (``radius`` where correct, else 0: the terms of ACR) between
+    two certificates on the points both certified, matched by ``idx``: ``mean`` (ACR difference on those
+    points), ``se`` (its standard error, the sample standard deviation of the differences over sqrt(n); None
+    for fewer than two points), ``num_points``, and how many points got a larger (``better``) or smaller
+    (``worse``) radius than under ``baseline``.
+
+    Each argument is a DataFrame (or mapping of arrays) with columns ``idx``, ``radius``, ``correct`` and
+    optionally ``predict`` (an abstain counts 0). Raises ValueError when they share no point.
+    """
+    mine, theirs = _certified_radii(rows), _certified_radii(baseline)
+    shared = mine.index.intersection(theirs.index)
+    if shared.empty:
+        raise ValueError("the two certificates share no evaluated point (idx)")
+    difference = (mine.loc[shared] - theirs.loc[shared]).to_numpy(np.float64)
+    n = difference.size
+    return {
+        "mean": float(difference.mean()),
+        "se": float(difference.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+        "num_points": int(n),
+        "better": int((difference > 0).sum()),
+        "worse": int((difference < 0).sum()),
+    }
+
+
+def _certified_radii(rows) -> pd.Series:
+    """Per point (indexed by ``idx``, first row of a repeated index): the radius where correct, else 0."""
+    radius, correct = _as_arrays(rows["radius"], rows["correct"])
+    if "predict" in rows:
+        correct = correct & (np.asarray(rows["predict"]).reshape(-1) != ABSTAIN)
+    series = pd.Series(np.where(correct, radius, 0.0), index=np.asarray(rows["idx"]).reshape(-1))
+    return series[~series.index.duplicated(keep="first")]

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
 
 from ssmooth.report.curves import (
+    CHOSEN_ON_POINTS,
     UNKNOWN_SOUNDNESS_MARK,
     UNSOUND_MARK,
     _as_list,
     _caveat,
-    _certificate,
     _curves,
     _describe,
     _indices,
@@ -30,15 +29,18 @@ def _fmt(value, spec: str) -> str:
     return format(int(value) if spec == "d" else value, spec)  # JSON may hold 500.0 for a count
 
 
-def _notes(variant: Mapping) -> str:
-    """What a sample-wise result needs beside it: the rule, its conflicts and how much radius it kept."""
-    notes = []
+def _notes(curve) -> str:
+    """What a result needs beside it: a sample-wise rule, its conflicts and how much radius it kept, and the
+    other runs that hold the same certificate (shown once)."""
+    variant, notes = curve.variant, []
     if "allocation" in variant:
         notes.append(f"allocation {variant['allocation']}")
     if "num_conflicting_pairs" in variant:
         notes.append(f"{variant['num_conflicting_pairs']} conflicting pairs")
     if "mean_r_over_R" in variant:
         notes.append(f"mean r/R {_fmt(variant['mean_r_over_R'], '.3f')}")
+    if curve.repeated_in:
+        notes.append(f"also certified, identically, by {', '.join(curve.repeated_in)} (shown once)")
     return ", ".join(notes)
 
 
@@ -59,13 +61,13 @@ def _table(summaries, radii, include_unsound: bool = True):
             curve.variant_name + mark,
             _method(curve.summary),
             _sigma(curve.summary, curve.variant_name, variant),
-            _certificate(curve.variant_name, variant),
+            curve.certificate,
             *[_fmt(None if a is None else 100 * a, ".1f") for a in curve.values(radii)],
             _fmt(variant.get("acr"), ".4f"),
             _fmt(None if abstain is None else 100 * abstain, ".1f"),
             _fmt(variant.get("num_points"), "d"),
             *([_fmt(passes, ",.0f")] if cost else []),
-            _notes(variant),
+            _notes(curve),
         ])
         sound.append(curve.sound)
     return header, rows, sound, (5, len(header) - 1)
@@ -175,40 +177,121 @@ def _caption(text: str, group) -> str:
 
 
 def print_table(summaries, radii=None, title: str | None = None, console=None) -> None:
-    """The table of ``format_table`` on the terminal with rich (unsound variants in red), one per dataset,
-    squeezed for width: radius headers are bare numbers and the sample-wise notes go under the table."""
-    from rich import box
+    """A short table on the terminal (rich), one per dataset, within 120 columns: job, certificate (the run's
+    headline marked *), where it holds, a few radii, ACR, abstain %, forward passes; unsound variants in red.
+    A legend of the kinds and the notes go under it. Every column and radius is in ``format_table`` (report.md).
+    """
     from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
 
     summaries = _as_list(summaries)
-    radii = _table_radii(summaries, radii)
+    radii = _few_radii(_table_radii(summaries, radii))
     groups = group_by_dataset(summaries)
     for key, group in groups.items():
-        header, rows, sound, numeric = _table(group, radii, include_unsound=True)
-        header, rows, numeric = _drop_empty_columns(header, rows, numeric)
-        start = header.index(f"r={radii[0]:g}") if radii else numeric[0]
-        header[start:start + len(radii)] = [f"{r:g}" for r in radii]
-        notes = [f"{row[0]} {row[1]}: {row[-1]}" for row in rows if header[-1] == "notes" and row[-1]]
-        width = len(header) - (1 if header[-1] == "notes" else 0)
         name = title or "certified accuracy (%) at l2 radius r"
         if len(groups) > 1:
             name += f" — {dataset_name(key)}"
-        note = subset_note(group)
-        caption = "\n".join(notes + ([note] if note else []))
-        table = Table(title=name, title_justify="left", caption=caption or None, caption_justify="left",
-                      box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
-        for i, column in enumerate(header[:width]):
-            longest = max([len(column)] + [len(row[i]) for row in rows])
-            # numbers are never cut (a cropped "0.45" for 0.454 would mislead); names fold instead
-            table.add_column(column, justify="right" if i >= numeric[0] else "left", no_wrap=True,
-                             min_width=longest)
-        for row, is_sound in zip(rows, sound):
-            table.add_row(*row[:width], style={False: "red", None: "yellow"}.get(is_sound))
-        out = console
-        if out is None:
-            # On a narrow terminal (or a log file: 80 columns) rich would squeeze or drop whole columns; print
-            # the table at its natural width and let long lines wrap instead of losing names or numbers.
-            natural = sum(column.min_width + 2 for column in table.columns) + 2
-            out = Console(width=max(Console().width, natural))
-        out.print(table, crop=False)
+        curves = _curves(group)
+        table, natural = _terminal_table(curves, radii, name)
+        # Within 120 columns: long job names fold; a narrower terminal wraps lines instead of losing numbers.
+        out = console or Console(width=max(Console().width, natural))
+        width = min(out.width, TERMINAL_WIDTH)
+        out.print(table, crop=False, width=width)
+        caption = _terminal_caption(curves, subset_note(group))
+        if caption:  # under the table, as wide as the terminal allows (not squeezed to the table's width)
+            out.print(Text(caption), crop=False, width=width)
+
+
+TERMINAL_WIDTH = 120
+_SHORT_KINDS = {"constant": "constant", "constant_best": "best level", "samplewise_raw": "raw levels",
+                "per-point levels, unallocated": "raw levels", "inductive": "inductive",
+                "published log": "published log"}
+_LEGEND = {"constant": "constant: one σ", "best level": "best level: best grid σ†",  # one line for all kinds
+           "transductive": "transductive: per-point σ", "raw levels": "raw levels: upper bound",
+           "inductive": "inductive: σ selector", "published log": "published log: per-image log"}
+
+
+def _few_radii(radii: list[float], at_most: int = 5) -> list[float]:
+    """Every k-th radius from 0, so that at most about ``at_most`` remain (0, 0.5, 1, 1.5, 2 of CIFAR-10's grid)."""
+    step = max(1, math.ceil(len(radii) / at_most)) if len(radii) > at_most + 1 else 1
+    return radii[::step]
+
+
+def _short_certificate(curve) -> str:
+    """"transductive fill", "constant σ=0.5", "best level σ=0.25", "inductive", with " adaptive" for adaptive
+    sampling."""
+    kind = curve.kind
+    if kind == "transductive" or (kind.startswith("samplewise_") and kind != "samplewise_raw"):
+        text = f"transductive {curve.variant.get('allocation') or kind.removeprefix('samplewise_')}".strip()
+    else:
+        text = _SHORT_KINDS.get(kind, kind or curve.variant_name)
+    sigma = curve.variant.get("sigma", curve.summary.get("sigma") if kind == "constant" else None)
+    if sigma is not None and text in ("constant", "best level"):
+        text += f" σ={float(sigma):g}"
+    return text + (" adaptive" if curve.adaptive else "")
+
+
+def _holds_for(curve) -> str:
+    if curve.sound is None:
+        return "not recorded"
+    return "no: upper bound" if curve.sound is False else curve.scope + ("†" if _caveat(curve.variant_name,
+                                                                                         curve.variant) else "")
+
+
+def _compact(count) -> str:
+    """4004000 -> "4.0M", 23880 -> "23.9k"."""
+    if count is None:
+        return ""
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return f"{count:.0f}"
+
+
+def _terminal_table(curves, radii, title: str):
+    """The rich table and its natural width."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text  # cells as plain text: a name like "run [fixed]" is not markup
+
+    several = _several(curves)
+    header = ["job", "certificate", "holds for", *[f"{r:g}" for r in radii], "ACR", "abstain %", "passes"]
+    rows = []
+    for curve in curves:
+        abstain = curve.variant.get("abstain_rate")
+        rows.append([curve.job, _short_certificate(curve) + (" *" if curve.headline and id(curve.summary) in several
+                                                             else ""), _holds_for(curve),
+                     *[_fmt(None if a is None else 100 * a, ".1f") for a in curve.values(radii)],
+                     _fmt(curve.variant.get("acr"), ".4f"), _fmt(None if abstain is None else 100 * abstain, ".1f"),
+                     _compact(curve.forward_passes())])
+    if not any(row[-1] for row in rows):  # no cost recorded
+        header, rows = header[:-1], [row[:-1] for row in rows]
+    # one space between columns (the box draws it): 120 columns hold job names of about 30 characters
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+    table.add_column("job", overflow="fold", min_width=min(widths[0], 30))  # a longer name folds
+    for i, column in enumerate(header[1:], start=1):
+        # numbers are never cut (a cropped "0.45" for 0.454 would mislead)
+        table.add_column(column, justify="left" if i < 3 else "right", no_wrap=True, min_width=widths[i])
+    for curve, row in zip(curves, rows):
+        table.add_row(*(Text(cell) for cell in row), style={False: "red", None: "yellow"}.get(curve.sound))
+    return table, sum(w + 1 for w in widths) + 1
+
+
+def _several(curves) -> set[int]:
+    """The runs (by id of their summary) with more than one certificate shown: their headline is marked."""
+    return {id(c.summary) for c in curves if not c.headline}
+
+
+def _terminal_caption(curves, note: str | None) -> str | None:
+    """The legend of the kinds shown, the marks, the notes of each row and the subset note."""
+    several = _several(curves)
+    legend = dict.fromkeys(t for c in curves for t in _LEGEND if _short_certificate(c).startswith(t))
+    caption = ["; ".join(_LEGEND[t] for t in legend)] if legend else []
+    if any(id(c.summary) in several for c in curves):
+        caption.append("*: the run's headline certificate")
+    if any(_caveat(c.variant_name, c.variant) for c in curves):
+        caption.append(f"†: {CHOSEN_ON_POINTS} (a favourable baseline)")
+    caption += [f"{c.job} {_short_certificate(c)}: {_notes(c)}" for c in curves if _notes(c)]
+    caption += [note] if note else []
+    return "\n".join(caption) or None
