@@ -1,6 +1,7 @@
 """Known answers for certified accuracy and ACR, and a fake sweep through tables, plot and the CLI."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from rich.console import Console
 
 from ssmooth.cli.report import main
 from ssmooth.report import (
@@ -19,11 +21,15 @@ from ssmooth.report import (
     certified_accuracy,
     certified_accuracy_curve,
     envelope,
+    envelopes,
     format_table,
     group_by_dataset,
     load_sources,
     load_summaries,
+    paired_difference,
     plot_certified_accuracy,
+    plot_run,
+    print_table,
     radius_grid,
     read_log,
     read_rows,
@@ -248,15 +254,22 @@ def test_write_report_rows_envelope_and_plot(sweep, tmp_path):
     assert rows[2][4] == "transductive (fill)" and rows[3][4] == "constant"
     assert rows[4][4] == "per-point levels, unallocated"
 
-    # The envelope covers EVERY sound variant (here also the sample-wise job's constant certificate), never
-    # the unsound upper bound.
-    sound = [v["certified_accuracy"] for s in summaries for v in s["variants"].values() if v["sound"]]
-    expected = np.max(sound, axis=0)
+    # One envelope per scope: the any-input one covers every sound certificate for any input (here also the
+    # sample-wise job's constant certificate), the other the transductive one alone; never the upper bound.
+    any_input = [v["certified_accuracy"] for s in summaries for n, v in s["variants"].items() if n == "constant"]
+    expected = np.max(any_input, axis=0)
     best, names = envelope(summaries)
     np.testing.assert_allclose(best, expected)
+    transductive = summaries[2]["variants"]["samplewise_fill"]["certified_accuracy"]
+    np.testing.assert_allclose(envelope(summaries, scope="this test set")[0], transductive)
+    assert list(envelopes(summaries)) == ["any input", "this test set"]
+    assert "| r | any input % | reached by | this test set % | reached by |" in text
     table = _markdown_table(text, "r")
     assert [float(r[0]) for r in table] == radii
     assert [r[1] for r in table] == [f"{100 * e:.1f}" for e in expected]
+    assert [r[3] for r in table] == [f"{100 * e:.1f}" for e in transductive]
+    assert all(r[4] in ("", "samplewise/2 samplewise_fill") for r in table)
+    assert not any("samplewise_fill" in r[2] for r in table)  # a transductive curve never carries the other
 
 
 def test_title_comes_from_the_experiment_not_the_folder(sweep):
@@ -289,14 +302,19 @@ def test_plot_curves_are_exact_and_envelope_is_their_max(sweep, tmp_path):
             radius, correct = rows["radius"].to_numpy(), rows["correct"].to_numpy().astype(bool)
             np.testing.assert_allclose(certified_accuracy(radius, correct, summary["radii"]),
                                        summary["variants"][variant_name]["certified_accuracy"])
-            exact.append((radius, correct))
+            exact.append((variant_name, radius, correct))
     assert len(exact) == 4
     for x, y in drawn["curves"].values():
         assert np.all(np.diff(x) > 0) and np.all(np.diff(y) <= 0)
-    x, y = drawn["envelope"]
-    probe = np.concatenate([x, np.linspace(0, x[-1], 97)])
-    env = np.array([y[np.searchsorted(x, r, side="left")] for r in probe])  # y[i] holds on (x[i-1], x[i]]
-    np.testing.assert_allclose(env, np.max([certified_accuracy(r, c, probe) for r, c in exact], axis=0))
+    # one envelope per scope, each the max of its own certificates only
+    assert list(drawn["envelopes"]) == ["any input", "this test set"]
+    for scope, kinds in [("any input", {"constant"}), ("this test set", {"samplewise_fill"})]:
+        x, y = drawn["envelopes"][scope]
+        probe = np.concatenate([x, np.linspace(0, x[-1], 97)])
+        env = np.array([y[np.searchsorted(x, r, side="left")] for r in probe])  # y[i] holds on (x[i-1], x[i]]
+        best = np.max([certified_accuracy(r, c, probe) for name, r, c in exact if name in kinds], axis=0)
+        np.testing.assert_allclose(env, best)
+    assert drawn["envelope"] is drawn["envelopes"]["any input"]
 
 
 def test_plot_from_summaries_without_rows(sweep, tmp_path):
@@ -449,8 +467,8 @@ def test_datasets_are_never_mixed_and_unknown_logs_stand_alone(sweep, tmp_path):
     assert "cohen/" not in mnist
     assert "| c |" in unknown and "record no dataset" in unknown and "| r |" not in unknown  # no envelope
     # each envelope is the max over its own dataset only
-    best_mnist = np.max([v["certified_accuracy"] for s in groups["mnist"] for v in s["variants"].values()
-                         if v["sound"]], axis=0)
+    best_mnist = np.max([v["certified_accuracy"] for s in groups["mnist"] for n, v in s["variants"].items()
+                         if n == "constant"], axis=0)
     np.testing.assert_allclose(envelope(groups["mnist"], standard_radii("mnist"))[0], best_mnist)
     tex = Path(paths["latex"]).read_text()
     assert tex.count(r"\begin{table}") == 3 and tex.count(r"\label{") == 3
@@ -553,3 +571,153 @@ def test_cli_labels_datasets_and_bad_input(sweep, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------- what a new user hit
+
+
+def _run(folder: Path, name: str, rows: pd.DataFrame, radii, **summary) -> Path:
+    folder.mkdir(parents=True)
+    rows.to_csv(folder / "certify.tsv", sep="\t", index=False)
+    variants = {"constant": _variant(rows, radii, sound=True, kind="constant", setting="any input")}
+    (folder / "summary.json").write_text(json.dumps({**_summary(name, 0.5, "constant", "constant", variants,
+                                                                radii), **summary}))
+    return folder
+
+
+def test_two_sources_with_one_name_keep_both_curves(tmp_path):
+    # a fixed-n and an adaptive run of one model: the same name in both summaries, each folder given itself
+    rng = np.random.default_rng(9)
+    radii = standard_radii("mnist")
+    fixed = _run(tmp_path / "fixed", "lenet", _fake_rows(rng, 40, 0.5, 0.9), radii, sampling="fixed")
+    adaptive = _run(tmp_path / "adaptive", "lenet", _fake_rows(rng, 40, 0.5, 0.8), radii, sampling="adaptive")
+    summaries = load_sources([fixed, adaptive])
+    assert sorted(s["name"] for s in summaries) == ["lenet [adaptive]", "lenet [fixed]"]
+    drawn = plot_certified_accuracy(summaries, tmp_path / "plot.png")
+    assert len(drawn["curves"]) == 2
+    assert sum("adaptive sampling" in label for label in drawn["curves"]) == 1
+    # summaries handed over directly, with one name and one sampling: still two curves, told apart by folder
+    same = [json.loads((run / "summary.json").read_text()) | {"path": str(run), "sampling": "fixed"}
+            for run in (fixed, adaptive)]
+    labels = list(plot_certified_accuracy(same, tmp_path / "same.png")["curves"])
+    assert len(labels) == 2 and "[fixed]" in labels[0] and "[adaptive]" in labels[1]
+
+
+def test_plot_run_draws_exact_steps_not_lines_between_grid_points(tmp_path):
+    # Two of five points certified at 1.6 and 1.7: 40 % at r = 1.5, and 0 from r = 1.75 on. Joining the grid
+    # points 1.5 (40 %) and 2 (0 %) with a line would show 20 % at 1.75.
+    radii = standard_radii("cifar10")
+    rows = pd.DataFrame({"idx": range(5), "label": [1, 2, 3, 4, 5], "predict": [1, 2, 3, 4, -1],
+                         "radius": [1.6, 1.7, 0.3, 0.4, 0.0], "correct": [1, 1, 1, 1, 0]})
+    run = _run(tmp_path / "run", "r", rows, radii, dataset="cifar10")
+    summary = json.loads((run / "summary.json").read_text())  # as the certify command holds it: no "path"
+    drawn = plot_run(summary, run, title="r")
+    assert Path(drawn["path"]) == run / "certified_accuracy.png" and Path(drawn["pdf"]).is_file()
+    (x, y), = drawn["curves"].values()
+    step = lambda r: y[np.searchsorted(x, r, side="left")] if r <= x[-1] else 0.0  # noqa: E731
+    assert step(1.5) == pytest.approx(0.4) and step(1.75) == 0.0 and step(1.65) == pytest.approx(0.2)
+    assert drawn["envelopes"] == {}
+
+
+def test_cli_one_log_without_out_writes_beside_it(tmp_path, capsys):
+    rng = np.random.default_rng(10)
+    log = _log(_cifar_log(rng, 30, 0, 20, 0.5, 0.7), tmp_path / "cohen" / "noise_0.25.tsv")
+    assert main([str(log), "--dataset", "cifar10"]) == 0
+    out = tmp_path / "cohen" / "noise_0.25_report"
+    assert (out / "report.md").is_file() and (out / "report.tex").is_file()
+    assert f"report written into {out}" in capsys.readouterr().out
+
+
+def _with_best_level(sweep: Path, **extra) -> Path:
+    """The sample-wise job of the sweep with the best single level of its grid, as the certify step records it."""
+    run = sweep / "samplewise" / "2"
+    summary = json.loads((run / "summary.json").read_text())
+    summary["variants"]["constant_best"] = {**summary["variants"]["constant"], "kind": "constant_best",
+                                            "sound": True, "setting": "any input", "sigma": 0.25, **extra}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_best_single_level_says_it_was_chosen_on_the_evaluated_points(sweep):
+    _with_best_level(sweep)
+    summaries = load_summaries(sweep)
+    markdown = format_table(summaries)
+    best = next(line for line in markdown.splitlines() if "| constant_best" in line)
+    assert "level chosen on the evaluated points" in best
+    caption = re.search(r"\\caption\{(.*)\}", format_table(summaries, fmt="latex")).group(1)
+    assert "level chosen on the evaluated points" in caption
+    console = Console(file=io.StringIO(), width=120)
+    print_table(summaries, console=console)
+    assert "level chosen on the evaluated points" in console.file.getvalue()
+    # a note recorded by the certificate itself is shown as it is
+    _with_best_level(sweep, note="level chosen on the evaluated points (ACR, labels used)")
+    assert "level chosen on the evaluated points (ACR, labels used)" in format_table(load_summaries(sweep))
+
+
+def test_paired_difference_known_answer():
+    rows = pd.DataFrame({"idx": [0, 1, 2, 3], "radius": [1.0, 0.5, 0.8, 0.3], "correct": [1, 1, 0, 1],
+                         "predict": [1, 1, 2, -1]})
+    baseline = pd.DataFrame({"idx": [3, 2, 1, 0, 9], "radius": [0.2, 0.4, 0.5, 0.5, 1.0], "correct": 1})
+    # per point (idx 0..3): mine 1.0, 0.5, 0 (wrong), 0 (abstain); baseline 0.5, 0.5, 0.4, 0.2; idx 9 not shared
+    d = paired_difference(rows, baseline)
+    differences = np.array([0.5, 0.0, -0.4, -0.2])
+    assert d["num_points"] == 4 and d["better"] == 1 and d["worse"] == 2
+    assert d["mean"] == pytest.approx(differences.mean())
+    assert d["se"] == pytest.approx(differences.std(ddof=1) / 2)
+    with pytest.raises(ValueError, match="share no"):
+        paired_difference(rows, baseline[baseline["idx"] == 9])
+
+
+def _stage(root: Path, name: str, variants: dict[str, pd.DataFrame], main: str, radii, **fields) -> None:
+    run = root / name
+    run.mkdir(parents=True)
+    entries = {}
+    for variant, rows in variants.items():
+        rows.to_csv(run / f"certify_{variant}.tsv", sep="\t", index=False)
+        kind = {"samplewise_fill": "samplewise_fill"}.get(variant, variant)
+        entries[variant] = _variant(rows, radii, sound=True, kind=kind, sigma=0.5, rows_file=f"certify_{variant}.tsv",
+                                    setting="this test set" if variant == "samplewise_fill" else "any input",
+                                    forward_passes=4_004_000)
+    (run / "summary.json").write_text(json.dumps({**_summary(f"demo/{name}", 0.5, "x", main, entries, radii),
+                                                  "dataset": "cifar10", **fields}))
+
+
+def test_terminal_table_is_short_marked_and_without_repeats(tmp_path):
+    """A pipeline's stages: the selector stage certifies the constant level again (one row, not two); the
+    terminal table stays within 120 columns on a wide terminal, marks the headline, names adaptive runs and
+    explains the kinds in one line; report.md pairs every certificate with the best single level."""
+    rng = np.random.default_rng(11)
+    radii = standard_radii("cifar10")
+    constant, best = _fake_rows(rng, 40, 0.5, 0.9), _fake_rows(rng, 40, 0.25, 0.9)
+    _stage(tmp_path, "finetune_samplewise", {"samplewise_fill": _fake_rows(rng, 40, 0.5, 0.9),
+                                             "constant": constant, "constant_best": best}, "samplewise_fill", radii)
+    _stage(tmp_path, "selector", {"inductive": _fake_rows(rng, 40, 0.5, 0.9), "constant": constant}, "inductive",
+           radii)
+    _stage(tmp_path, "adaptive_run", {"constant": _fake_rows(rng, 40, 0.5, 0.9)}, "constant", radii,
+           sampling="adaptive")
+    summaries = load_sources([tmp_path])
+    console = Console(file=io.StringIO(), width=200)
+    print_table(summaries, console=console)
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 120
+    rows = [line for line in lines if line.startswith(" demo/")]
+    assert len(rows) == 5  # fill, constant, best level, inductive, adaptive: the selector's constant is not repeated
+    assert sum("demo/selector" in row for row in rows) == 1
+    header = next(line for line in lines if "holds for" in line).split()
+    assert header[:4] == ["job", "certificate", "holds", "for"] and header[-4:] == ["ACR", "abstain", "%", "passes"]
+    assert [h for h in header if re.fullmatch(r"\d+(\.\d+)?", h)] == ["0", "0.5", "1", "1.5", "2"]
+    assert "transductive fill *" in next(row for row in rows if "finetune_samplewise" in row and "transductive" in row)
+    assert "constant σ=0.5 adaptive" in next(row for row in rows if "adaptive_run" in row)
+    assert all(row.rstrip().endswith("4.0M") for row in rows)
+    assert "any input†" in next(row for row in rows if "best level" in row)
+    legend = next(line for line in lines if line.startswith("constant: one σ"))
+    assert "transductive" in legend and "inductive" in legend and "best level" in legend
+    assert any("also certified, identically, by demo/selector" in line for line in lines)
+
+    text = Path(write_report(tmp_path, tmp_path / "out")["markdown"]).read_text()
+    paired = _markdown_table(text, "job | certificate | against")
+    assert {r[0] for r in paired} == {"demo/adaptive_run", "demo/finetune_samplewise", "demo/selector"}
+    fill = next(r for r in paired if r[1].startswith("samplewise_fill"))
+    expected = paired_difference(read_rows(tmp_path / "finetune_samplewise" / "certify_samplewise_fill.tsv"),
+                                 best)
+    assert fill[3] == f"{expected['mean']:+.4f}" and fill[6] == "40"

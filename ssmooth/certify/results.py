@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ssmooth.report import read_rows  # noqa: F401  (re-exported: the one reader of row files)
+from ssmooth.report.metrics import read_rows  # noqa: F401  (re-exported: the one reader of row files)
 
 ROW_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "time")
 SAMPLEWISE_COLUMNS = ROW_COLUMNS + ("radius_raw",)

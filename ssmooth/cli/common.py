@@ -287,8 +287,7 @@ def report_certification(summary: dict, out_dir: Path) -> None:
     from ssmooth import report
 
     report.print_table([summary])
-    report.plot_certified_accuracy([summary], Path(out_dir) / "certified_accuracy.png", envelope=False,
-                                   title=summary.get("name"))
+    report.plot_run(summary, out_dir, title=summary.get("name"))
     log.info(f"rows, summary and plot: {out_dir}")
 
 

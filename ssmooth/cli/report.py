@@ -1,6 +1,7 @@
 """ssmooth-report: tables (markdown and LaTeX) and plots for runs, sweeps and published per-image logs.
 
     ssmooth-report outputs/sweeps/S                                   # report.md, report.tex, plots into S
+    ssmooth-report cohen/noise_0.25.tsv --dataset cifar10             # ... into cohen/noise_0.25_report/
     ssmooth-report outputs/sweeps/S --out reports/s --radii 0 0.5 1 1.5 2
     ssmooth-report outputs/runs/R cohen_logs/ --dataset cifar10 --out reports/vs_cohen
     ssmooth-report outputs/runs/R --label "Cohen 0.25@cifar10=cohen/noise_0.25.tsv" --out reports/vs_cohen
@@ -18,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from ssmooth.report import group_by_dataset, load_sources, print_table, title_of, write_report
+from ssmooth.report.document import default_out
 
 PROG = "ssmooth-report"
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default=None, metavar="DATASET",
                         help="dataset of every published log that --label gives none (e.g. cifar10)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the report (default: PATH when it is the only one and a folder)")
+                        help="where to write the report (default, for one PATH: that folder, or beside a published "
+                             "log a folder named after it, e.g. noise_0.25_report/)")
     parser.add_argument("--radii", type=float, nargs="+", default=None, metavar="R",
                         help="radii of the tables (default: the union of the datasets' standard grids)")
     parser.add_argument("--unsound", action="store_true",
@@ -81,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         if not path.exists():
             return _fail(f"{path}: no such file or directory")
-    if args.out is None and not (len(paths) == 1 and paths[0].is_dir()):
-        return _fail("--out is needed when the sources are not one folder")
+    out = args.out or default_out(paths)
+    if out is None:
+        return _fail("--out is needed when there are several sources (it names the folder to write into)")
     labels = {path: name for name, _, path in labelled}
     datasets = {path: dataset for _, dataset, path in labelled if dataset}
     radii = sorted(args.radii) if args.radii else None
@@ -96,11 +100,14 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail(f"{', '.join(map(str, paths))}: no summary.json and no published log found "
                              "(is it a run or sweep folder, or a TSV with the header "
                              "'idx label predict radius correct time'?)")
-            written = write_report(paths, args.out, radii=radii, include_unsound=args.unsound, summaries=summaries)
+            written = write_report(paths, out, radii=radii, include_unsound=args.unsound, summaries=summaries)
         except (ValueError, FileNotFoundError) as err:  # a bad log, a summary that breaks the contract
             return _fail(str(err))
+        except OSError as err:  # e.g. the folder beside a log is not writable
+            return _fail(f"cannot write the report into {out}: {err.strerror or err} (choose a folder with --out)")
         for key, group in group_by_dataset(summaries).items():
             print_table(group, radii=radii, title=f"{title_of(group)}: certified accuracy (%) at l2 radius r")
+    print(f"report written into {out}:")
     for path in [written["markdown"], written["latex"], *written["plots"], *written["pdfs"]]:
         print(path)
     return 0

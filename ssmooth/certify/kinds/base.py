@@ -24,7 +24,7 @@ import numpy as np
 from ssmooth.certify.cascade import CASCADE_COLUMNS
 from ssmooth.certify.inductive import INDUCTIVE_COLUMNS
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS
-from ssmooth.report import summarize_rows
+from ssmooth.report.metrics import summarize_rows
 
 ANY_INPUT = "any input"
 THIS_TEST_SET = "this test set"
