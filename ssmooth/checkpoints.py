@@ -204,10 +204,10 @@ def import_published(
 
     if family not in FAMILIES:
         raise ImportMismatch(f"family {family!r} must be one of {FAMILIES}")
-    info = dataset_info(dataset)
     if (family, dataset) not in SUPPORTED:
         published = sorted(d for f, d in SUPPORTED if f == family)
         raise ImportMismatch(f"{family} published no {dataset} networks that can be imported (only {published})")
+    info = dataset_info(dataset)
     if not isinstance(sigma, (int, float)) or not sigma > 0:
         raise ImportMismatch(f"sigma={sigma!r} must be > 0 (the noise level the network was trained at)")
     if normalization is None:
