@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from ssmooth.certify.results import read_rows, write_rows
-from ssmooth.certify.runfolder import diff_fingerprints
+from ssmooth.certify.runfolder import OUTPUT_PATTERNS, diff_fingerprints, holds_rows
 
 PART_RECORD = "part.json"
 
@@ -64,7 +64,8 @@ def start_part(folder: Path, *, part: int, num_parts: int, indices: Sequence[int
     """Record that ``folder`` holds part ``part`` of ``num_parts``; resuming a part checks it is the same one."""
     folder.mkdir(parents=True, exist_ok=True)
     old = read_record(folder)
-    if old is not None:
+    outputs = [p for pattern in OUTPUT_PATTERNS for p in folder.glob(pattern)]
+    if old is not None and holds_rows(outputs):  # a part that stopped before its first row holds nothing to keep
         check_fingerprint(folder, old["fingerprint"], fp)
         if (old["part"], old["num_parts"]) != (part, num_parts):
             raise MergeError(f"{folder} holds part {old['part']} of {old['num_parts']}, not {part} of {num_parts}: "
