@@ -371,6 +371,10 @@ def report_certification(summary: dict, out_dir: Path) -> None:
     report.print_table([summary])
     report.plot_certified_accuracy([summary], Path(out_dir) / "certified_accuracy.png", envelope=False,
                                    title=summary.get("name"))
+    parts = summary.get("parts_wall_time_s")
+    if parts:
+        log.info(f"wall time: {summary['wall_time_s']:.1f} s waited (slowest of {parts['count']} parts "
+                 f"{parts['slowest']:.1f} s, then the merge), {parts['sum']:.1f} s summed over the parts")
     log.info(f"rows, summary and plot: {out_dir}")
 
 
