@@ -46,12 +46,22 @@ OmegaConf.register_new_resolver(
     "ssmooth_job_dir", lambda name, _root_: swept_values(_root_.hydra.overrides.task) or name, replace=True)
 
 
-_DROPPED_LINES = ("Detected KeyboardInterrupt", "litlogger")
+# Lightning's lines that tell a user of these commands nothing: its own Ctrl-C line (ours says what was kept), its
+# advertisements, the hardware it did not find, settings we made on purpose (limit_*_batches, the seed), and the
+# end of fit (printed while the progress bar is live, it makes the bar draw its last state twice).
+_DROPPED_LINES = ("Detected KeyboardInterrupt", "litlogger", "litmodels", "💡 Tip", "GPU available:", "TPU available:",
+                  "HPU available:", "CUDA_VISIBLE_DEVICES:", "was configured so", "`Trainer.fit` stopped", "Seed set to")
+# Lightning's warnings about choices these commands make on purpose: a deprecation inside Lightning itself, a
+# resumed run writing into its own checkpoint folder (the run folder check allowed it), a stage without
+# validation data (the selector's labels are levels of training points), small demo epochs.
+_IGNORED_WARNINGS = (r".*isinstance\(treespec, LeafSpec\).*", r"Checkpoint directory .* exists and is not empty",
+                     r".*defined a `validation_step` but have no `val_dataloader`.*",
+                     r".*smaller than the logging interval.*")
 
 
 def quiet_console() -> None:
     """Lightning's messages go through the root logger (console and the run's log file, once) instead of a handler
-    of its own; drop a deprecation warning Lightning raises inside its own code on every fit."""
+    of its own, without the lines and warnings that tell a user of these commands nothing."""
     import warnings
 
     import lightning  # noqa: F401  (imported now: on import it adds console handlers of its own, removed below)
@@ -62,12 +72,15 @@ def quiet_console() -> None:
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
         logger.propagate = True
-    # Lightning's own Ctrl-C line (ours says what was kept) and its advertisement.
     for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda record: not any(s in record.getMessage() for s in _DROPPED_LINES))
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # A resumed run writes into its own checkpoint folder on purpose (the run folder check allowed it).
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        if not any(f is _keep_line for f in handler.filters):
+            handler.addFilter(_keep_line)
+    for pattern in _IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _keep_line(record: logging.LogRecord) -> bool:
+    return not any(s in record.getMessage() for s in _DROPPED_LINES)
 
 
 class ConfigError(ValueError):
