@@ -204,10 +204,10 @@ def import_published(
 
     if family not in FAMILIES:
         raise ImportMismatch(f"family {family!r} must be one of {FAMILIES}")
-    info = dataset_info(dataset)
     if (family, dataset) not in SUPPORTED:
         published = sorted(d for f, d in SUPPORTED if f == family)
         raise ImportMismatch(f"{family} published no {dataset} networks that can be imported (only {published})")
+    info = dataset_info(dataset)
     if not isinstance(sigma, (int, float)) or not sigma > 0:
         raise ImportMismatch(f"sigma={sigma!r} must be > 0 (the noise level the network was trained at)")
     if normalization is None:
@@ -267,3 +267,51 @@ def write_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
     torch.save({"ssmooth": meta, "state_dict": state}, partial)
     partial.replace(path)
     return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load any ssmooth checkpoint (trained, finetuned, with a level selector, or imported) for use from Python.
+
+        model, meta = ssmooth.load_model("outputs/runs/RUN/checkpoints/last.ckpt")
+        cert = ssmooth.certify.certify(model, x, meta["sigma"], n0=100, n=100_000, alpha=0.001,
+                                       batch_size=1000, num_classes=meta["num_classes"])
+
+    Returns ``(model, meta)``. ``model`` (eval mode, on ``device``) maps images in [0, 1], shape
+    ``[k, *meta["input_shape"]]``, to ``meta["num_classes"]`` logits; its normalization is its first layer, so
+    never normalize the inputs yourself. ``meta`` is the checkpoint's metadata plus:
+
+    - ``num_classes``, ``input_shape`` (``meta["dataset"]["name"]`` names the dataset);
+    - ``sigma``: the noise level the model was trained at, and ``levels``: every level it was trained with
+      (the grid of sample-wise training; ``[sigma]`` for a constant level);
+    - ``normalization``: ``{"mean": [...], "std": [...]}`` of the model's first layer (0 and 1: none);
+    - ``level_selector``: ``(h_e, grid, sigma_e)`` for a checkpoint with a level selector (pass it as
+      ``ssmooth.evaluate.certify_model(..., selector=meta["level_selector"])``), else None.
+
+    Raises FileNotFoundError for a missing file and ValueError for one that is not an ssmooth checkpoint.
+    """
+    from ssmooth.data import dataset_info
+    from ssmooth.lit.module import load_checkpoint, model_state
+    from ssmooth.models import create_model
+
+    meta, state = load_checkpoint(path)
+    info = dataset_info(meta["dataset"]["name"])
+    options = dict(meta["model"])
+    name, normalize = options.pop("name"), options.pop("normalize", True)
+    model = create_model(name, num_classes=info.num_classes, input_shape=info.input_shape,
+                         mean=info.mean if normalize else None, std=info.std if normalize else None, **options)
+    model.load_state_dict(model_state(state))  # the checkpoint's own normalization, e.g. an imported one
+    selector = None
+    if "selector" in meta:
+        from ssmooth.lit.selector import load_selector
+
+        h_e, grid, sigma_e = load_selector(meta, state, info)
+        selector = (h_e.to(device).eval(), grid, sigma_e)
+    sigma = float(meta["noise"]["sigma"])
+    return model.to(device).eval(), {
+        **meta,
+        "num_classes": info.num_classes, "input_shape": list(info.input_shape),
+        "sigma": sigma, "levels": [float(s) for s in meta["noise"].get("grid") or [sigma]],
+        "normalization": {"mean": model.normalize.mean.tolist(), "std": model.normalize.std.tolist()},
+        "level_selector": selector,
+        "checkpoint": str(path),
+    }

@@ -423,12 +423,14 @@ class SmoothingDataModule(L.LightningDataModule):
                 _load_torchvision(self.name, split, Path(self.root), download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        """Load the splits ``stage`` needs: the test split only for "test", "validate" and "predict" (certifying
+        needs no training file), both for "fit" and None."""
         load = dict(source=self.source, root=self.root, download=self.download, npz_dir=self.npz_dir)
-        train = load_split(self.name, "train", augment=self.augment, **load)
-        self.test_set = load_split(self.name, "test", **load)
-        self.train_set = train.subset(slice(0, self.train_subset)) if self.train_subset else train
+        if self.test_set is None:
+            self.test_set = load_split(self.name, "test", **load)
+        if self.train_set is None and stage not in ("test", "validate", "predict"):
+            train = load_split(self.name, "train", augment=self.augment, **load)
+            self.train_set = train.subset(slice(0, self.train_subset)) if self.train_subset else train
 
     @property
     def num_train(self) -> int:
@@ -441,7 +443,7 @@ class SmoothingDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, shuffle=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
-        self.setup()
+        self.setup("validate")
         val = self.test_set.subset(slice(0, self.val_subset)) if self.val_subset else self.test_set
         return self._loader(val, self.eval_batch_size, shuffle=False)
 
@@ -456,7 +458,7 @@ class SmoothingDataModule(L.LightningDataModule):
         if max is not None and max != -1 and max <= start:
             raise ValueError(f"certify.max={max} is not above certify.start={start}: no test point is selected "
                              "(max is a position bound, like Cohen's --max)")
-        self.setup()
+        self.setup("test")
         size = len(self.test_set)
         if start >= size:
             raise ValueError(f"certify.start={start} is past the end of the {self.name} test split ({size} images, "

@@ -24,7 +24,7 @@ from torch import nn
 from ssmooth import report
 from ssmooth.certify import kinds
 from ssmooth.certify.checks import check_run
-from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
+from ssmooth.certify.distributed import finish_part, merge_parts, merged_wall_time, part_positions, start_part
 from ssmooth.certify.kinds import CONSTANT_COLUMNS, SAMPLEWISE_ROW_COLUMNS  # noqa: F401 (importers use them here)
 from ssmooth.certify.results import RowWriter, read_rows, write_summary
 from ssmooth.certify.run import certify_points, dataset_indices
@@ -231,9 +231,13 @@ def certify_model(
         if merge_from is not None:
             merge_parts(merge_from, out, fp, dataset_indices(points))
         try:
-            return _certify_locked(model, points, out, cfg, fp, num_classes=num_classes, sigma0=sigma0, grid=grid,
-                                   dataset=dataset, meta=meta, device=device, rows_only=rows_only, bar=bar,
-                                   selector=selector, experts=experts)
+            summary = _certify_locked(model, points, out, cfg, fp, num_classes=num_classes, sigma0=sigma0, grid=grid,
+                                      dataset=dataset, meta=meta, device=device, rows_only=rows_only, bar=bar,
+                                      selector=selector, experts=experts)
+            if merge_from is not None:  # the parts' own time, not only this merge's
+                summary = merged_wall_time(summary, merge_from)
+                write_summary(summary, out / "summary.json")
+            return summary
         except CertificationInterrupted:
             raise
         except KeyboardInterrupt:

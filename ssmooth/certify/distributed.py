@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from ssmooth.certify.results import read_rows, write_rows
-from ssmooth.certify.runfolder import diff_fingerprints
+from ssmooth.certify.runfolder import OUTPUT_PATTERNS, diff_fingerprints, holds_rows
 
 PART_RECORD = "part.json"
 
@@ -64,24 +65,41 @@ def start_part(folder: Path, *, part: int, num_parts: int, indices: Sequence[int
     """Record that ``folder`` holds part ``part`` of ``num_parts``; resuming a part checks it is the same one."""
     folder.mkdir(parents=True, exist_ok=True)
     old = read_record(folder)
-    if old is not None:
+    outputs = [p for pattern in OUTPUT_PATTERNS for p in folder.glob(pattern)]
+    if old is not None and holds_rows(outputs):  # a part that stopped before its first row holds nothing to keep
         check_fingerprint(folder, old["fingerprint"], fp)
         if (old["part"], old["num_parts"]) != (part, num_parts):
             raise MergeError(f"{folder} holds part {old['part']} of {old['num_parts']}, not {part} of {num_parts}: "
                              "use another output folder")
     write_record(folder, {"part": part, "num_parts": num_parts, "complete": False, "files": [],
-                          "indices": [int(i) for i in indices], "fingerprint": fp})
+                          "indices": [int(i) for i in indices], "fingerprint": fp, "started": time.time()})
 
 
 def finish_part(folder: Path, files: Sequence[str]) -> None:
-    """Mark the part complete once every row file holds all of its indices."""
+    """Mark the part complete once every row file holds all of its indices, with its wall time (of the attempt
+    that finished it: an interrupted attempt's rows are kept, its time is not)."""
     record = read_record(folder)
     owed = set(record["indices"])
     for name in files:
         found = set(read_rows(folder / name)["idx"].astype(int))
         if found != owed:
             raise MergeError(f"{folder / name} holds {len(found & owed)} of the part's {len(owed)} points")
-    write_record(folder, {**record, "complete": True, "files": list(files)})
+    began = record.get("started")
+    wall = None if began is None else round(time.time() - began, 2)
+    write_record(folder, {**record, "complete": True, "files": list(files), "wall_time_s": wall})
+
+
+def merged_wall_time(summary: dict, folders: Sequence[str | os.PathLike]) -> dict:
+    """``summary`` of a merge with the parts' time: ``wall_time_s`` becomes the slowest part plus the merge (what
+    one waits for when the parts run side by side), ``parts_wall_time_s`` holds the parts' count, sum (the
+    compute spent) and slowest; ``merge_wall_time_s`` the merge's own. A part without a time leaves the summary
+    as it was."""
+    walls = [(read_record(folder) or {}).get("wall_time_s") for folder in folders]
+    if not walls or any(w is None for w in walls):
+        return summary
+    merge = summary.get("wall_time_s") or 0.0
+    return {**summary, "wall_time_s": round(max(walls) + merge, 2), "merge_wall_time_s": merge,
+            "parts_wall_time_s": {"count": len(walls), "sum": round(sum(walls), 2), "slowest": max(walls)}}
 
 
 def merge_parts(folders: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None, expected: dict,

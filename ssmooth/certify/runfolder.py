@@ -188,6 +188,18 @@ def _outputs(out: Path) -> list[Path]:
     return sorted({p for pattern in OUTPUT_PATTERNS for p in out.glob(pattern)})
 
 
+def holds_rows(outputs: Iterable[Path]) -> bool:
+    """True when any output holds a result: a row past a row file's header, a summary or a plot."""
+    for path in outputs:
+        if not path.name.endswith((".tsv", ".tsv.tmp")):
+            return True
+        with open(path, "rb") as f:
+            f.readline()  # the header
+            if f.read(1):
+                return True
+    return False
+
+
 def _check_or_write(out: Path, fp: dict, overwrite: bool) -> bool:
     """True when the folder resumes earlier rows of the same fingerprint."""
     fp_path = out / FINGERPRINT_FILE
@@ -200,6 +212,11 @@ def _check_or_write(out: Path, fp: dict, overwrite: bool) -> bool:
         differ = diff_fingerprints(recorded, fp)
         if not differ:
             return True
+        if not holds_rows(outputs):  # a run that stopped before its first row left nothing to protect
+            for path in outputs:
+                path.unlink(missing_ok=True)
+            _write_json(fp_path, fp)
+            return False
         reason = "holds rows of other settings: " + "; ".join(_describe(k, recorded, fp) for k in differ)
     elif outputs:
         reason = f"holds certification results ({outputs[0].name}) but no {FINGERPRINT_FILE} to show what made them"

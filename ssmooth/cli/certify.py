@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ssmooth.cli.common import (
     ConfigError,
@@ -98,6 +98,8 @@ def run(cfg: DictConfig) -> dict | None:
     from ssmooth.evaluate import certify_model, certify_on_ranks, certify_part
     from ssmooth.lit.module import load_checkpoint, model_state
 
+    if OmegaConf.is_missing(cfg, "ckpt"):  # the command line checks this first; a config built in Python too
+        raise ConfigError("ckpt=... is required: the checkpoint to certify")
     cert_cfg = certify_config(cfg.certify)
     check_distributed(cfg.distributed, cert_cfg)
     try:

@@ -46,12 +46,22 @@ OmegaConf.register_new_resolver(
     "ssmooth_job_dir", lambda name, _root_: swept_values(_root_.hydra.overrides.task) or name, replace=True)
 
 
-_DROPPED_LINES = ("Detected KeyboardInterrupt", "litlogger")
+# Lightning's lines that tell a user of these commands nothing: its own Ctrl-C line (ours says what was kept), its
+# advertisements, the hardware it did not find, settings we made on purpose (limit_*_batches, the seed), and the
+# end of fit (printed while the progress bar is live, it makes the bar draw its last state twice).
+_DROPPED_LINES = ("Detected KeyboardInterrupt", "litlogger", "litmodels", "💡 Tip", "GPU available:", "TPU available:",
+                  "HPU available:", "CUDA_VISIBLE_DEVICES:", "was configured so", "`Trainer.fit` stopped", "Seed set to")
+# Lightning's warnings about choices these commands make on purpose: a deprecation inside Lightning itself, a
+# resumed run writing into its own checkpoint folder (the run folder check allowed it), a stage without
+# validation data (the selector's labels are levels of training points), small demo epochs.
+_IGNORED_WARNINGS = (r".*isinstance\(treespec, LeafSpec\).*", r"Checkpoint directory .* exists and is not empty",
+                     r".*defined a `validation_step` but have no `val_dataloader`.*",
+                     r".*smaller than the logging interval.*")
 
 
 def quiet_console() -> None:
     """Lightning's messages go through the root logger (console and the run's log file, once) instead of a handler
-    of its own; drop a deprecation warning Lightning raises inside its own code on every fit."""
+    of its own, without the lines and warnings that tell a user of these commands nothing."""
     import warnings
 
     import lightning  # noqa: F401  (imported now: on import it adds console handlers of its own, removed below)
@@ -62,12 +72,15 @@ def quiet_console() -> None:
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
         logger.propagate = True
-    # Lightning's own Ctrl-C line (ours says what was kept) and its advertisement.
     for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda record: not any(s in record.getMessage() for s in _DROPPED_LINES))
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # A resumed run writes into its own checkpoint folder on purpose (the run folder check allowed it).
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        if not any(f is _keep_line for f in handler.filters):
+            handler.addFilter(_keep_line)
+    for pattern in _IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _keep_line(record: logging.LogRecord) -> bool:
+    return not any(s in record.getMessage() for s in _DROPPED_LINES)
 
 
 class ConfigError(ValueError):
@@ -204,7 +217,7 @@ def check_overrides(config_name: str, args: list[str]) -> list[str]:
         return [o.key_or_group for o in sweeps]
     for variant in variants:
         try:
-            _compose(config_name, variant)
+            composed = _compose(config_name, variant)
         except MissingConfigException as err:
             found = re.search(r"Could not find '([^']+)/([^'/]+)'", str(err))
             if found and err.options:
@@ -220,13 +233,46 @@ def check_overrides(config_name: str, args: list[str]) -> list[str]:
                     known = config_keys(_compose(config_name, rest))
                 except Exception:
                     known = []
-                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-                hint = f"did you mean '{close[0]}'?" if close else f"to add a new key write +{key}=VALUE"
-                raise ConfigError(f"unknown key '{key}'; {hint}") from None
+                raise ConfigError(f"unknown key '{key}'; {unknown_key_hint(key, known)}") from None
             if str(err).startswith("Ambiguous value"):
                 raise ConfigError(f"{_first_line(err)}: sweep over it with -m, or write a list as key=[a,b]") from None
             raise ConfigError(_first_line(err)) from None
+        check_composed(composed)
     return [o.key_or_group for o in sweeps]
+
+
+def unknown_key_hint(key: str, known: list[str]) -> str:
+    """The setting a misspelt or unqualified key most likely meant: a close spelling (``trainer.max_epoch``), or
+    a setting whose last part is the key (``n`` -> ``certify.n``). Never ``+KEY=VALUE``: a new key is read by
+    nothing, so the run would go ahead at the default without a word."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in known if k.rsplit(".", 1)[-1] == leaf and not k.startswith("hydra.")][:3]
+    if close:
+        return f"did you mean {' or '.join(repr(k) for k in close)}?"
+    return "no setting has this name (--cfg job prints every key)"
+
+
+def check_composed(cfg) -> None:
+    """Settings the composed config must have, checked before Hydra starts and makes a run folder: mandatory keys
+    given (``ckpt=PATH``), and ``certify.*`` of the right types and in range."""
+    # Unresolved: interpolations such as output_dir resolve only inside the running app; Hydra's own node holds
+    # ??? values that it fills in then.
+    missing = [key for key in config_keys(cfg) if not key.startswith("hydra") and OmegaConf.is_missing(
+        OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else cfg, key.rpartition(".")[2])]
+    if missing:
+        raise ConfigError(f"{missing[0]}=... is required (e.g. {missing[0]}={REQUIRED_EXAMPLES.get(missing[0], 'VALUE')})")
+    if "certify" in cfg:
+        try:
+            node = OmegaConf.to_container(cfg.certify, resolve=True)
+        except Exception:  # an interpolation only Hydra's running app can resolve: checked again in the task
+            return
+        certify_config(node)
+
+
+# What to write for a required key, in its "is required" line.
+REQUIRED_EXAMPLES = {"ckpt": "outputs/runs/RUN/checkpoints/last.ckpt"}
 
 
 def _first_line(err: BaseException) -> str:
@@ -256,12 +302,61 @@ def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
+def check_types(settings: dict, schema, prefix: str) -> None:
+    """Raise ConfigError for a setting whose value is not of the dataclass field's declared type: ``n=1e4`` is
+    the float 10000.0, which would fail deep inside certification instead of here."""
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for key, value in settings.items():
+        if key in hints and not _of_type(value, hints[key]):
+            wanted = _type_name(hints[key])
+            whole = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
+            raise ConfigError(f"{prefix}.{key}={value!r} must be {wanted}{whole}")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(_type_name(h) for h in args)
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _of_type(value, hint) -> bool:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_of_type(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint) or (object,)
+        return isinstance(value, (list, tuple)) and all(_of_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # an int is a float's value too (alpha=1), a bool is neither
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return hint is object or isinstance(value, hint)
+
+
 def certify_config(node):
-    """The certification settings as a validated CertifyConfig; unknown keys and bad values are ConfigErrors."""
+    """The certification settings as a validated CertifyConfig; unknown keys, values of the wrong type and bad
+    values are ConfigErrors."""
     from ssmooth.evaluate import CertifyConfig
 
+    settings = node if isinstance(node, dict) else plain(node)
     try:
-        cfg = CertifyConfig(**plain(node))
+        check_types(settings, CertifyConfig, "certify")
+        cfg = CertifyConfig(**settings)
         cfg.validate()
         factors = cfg.grid_factors
         if factors is not None and (not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
@@ -288,6 +383,10 @@ def report_certification(summary: dict, out_dir: Path) -> None:
 
     report.print_table([summary])
     report.plot_run(summary, out_dir, title=summary.get("name"))
+    parts = summary.get("parts_wall_time_s")
+    if parts:
+        log.info(f"wall time: {summary['wall_time_s']:.1f} s waited (slowest of {parts['count']} parts "
+                 f"{parts['slowest']:.1f} s, then the merge), {parts['sum']:.1f} s summed over the parts")
     log.info(f"rows, summary and plot: {out_dir}")
 
 

@@ -25,6 +25,7 @@ from ssmooth import report
 from ssmooth.certify.results import RowWriter, merge_rows
 from ssmooth.certify.run import certify_points
 from ssmooth.certify.stats import require_useful_sample_size
+from ssmooth.evaluate import CONSTANT_COLUMNS
 from ssmooth.lit.logging import certification_metrics
 
 
@@ -125,7 +126,7 @@ class CertificationCallback(Callback):
         own = out / f"rank{rank}.tsv"
         own.unlink(missing_ok=True)
         shard = self.points.subset(list(range(rank, len(self.points), world)))
-        with RowWriter(own) as writer:
+        with RowWriter(own, columns=CONSTANT_COLUMNS) as writer:
             certify_points(pl_module.model, shard, writer, sigma=float(pl_module.noise.sigma), n0=self.n0, n=self.n,
                            alpha=self.alpha, batch_size=self.batch_size, num_classes=self.num_classes,
                            points_per_group=max(1, self.batch_size // self.n), seed=self.seed,
@@ -156,6 +157,8 @@ class CertificationCallback(Callback):
                    "radii": self.radii}
         metrics = certification_metrics(summary)
         # Not "summary.json": ssmooth-report collects those as finished jobs.
+        passes = int(merged["samples"].sum()) if "samples" in merged else None
         (out / "metrics.json").write_text(json.dumps({**metrics, "n0": self.n0, "n": self.n, "alpha": self.alpha,
-                                                      "num_points": len(merged)}, indent=2) + "\n")
+                                                      "num_points": len(merged), "forward_passes": passes},
+                                                     indent=2) + "\n")
         return metrics
