@@ -92,7 +92,7 @@ def shard_folders(shard_dirs) -> list[str]:
 
 
 def run(cfg: DictConfig) -> dict | None:
-    from ssmooth.cli.train import build_datamodule, build_model
+    from ssmooth.build import build_datamodule, build_model
     from ssmooth.certify.distributed import MergeError
     from ssmooth.certify.runfolder import RunFolderError, file_sha256
     from ssmooth.evaluate import certify_model, certify_on_ranks, certify_part
