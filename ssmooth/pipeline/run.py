@@ -9,6 +9,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssmooth.build import ConfigError, certify_config, plain
+from ssmooth.pipeline.experts import train_experts
 from ssmooth.pipeline.runfolder import check_run_folder
 from ssmooth.pipeline.selector import train_selector
 from ssmooth.pipeline.train import train_and_certify
@@ -32,7 +33,8 @@ class PipelineResult:
 def run_pipeline(cfg: DictConfig, on_stage: StageHook | None = None) -> PipelineResult:
     """Pretrain at the base level (stage A), finetune with sample-wise levels (B-C) and certify with per-point
     levels and allocation (D-F); beside it, the same pretrained model continued at the constant level for the
-    same number of epochs (``pipeline.constant_arm``), and the level selector (``selector.enabled``). Each stage
+    same number of epochs (``pipeline.constant_arm``), the level selector (``selector.enabled``), and one expert
+    per level of the grid (``pipeline.experts``, listed in ``experts.json``; see ``load_experts``). Each stage
     has its own subfolder of ``cfg.output_dir``; one report covers all. Re-running the same settings into the
     same folder skips finished stages and resumes an unfinished one."""
     if cfg.noise.kind != "samplewise":
@@ -64,12 +66,34 @@ def run_pipeline(cfg: DictConfig, on_stage: StageHook | None = None) -> Pipeline
         done("finetune_constant", train_and_certify(
             stage_settings(cfg, "finetune_constant", **finetune, noise=constant_noise,
                            **{"certify.policy": "constant"})))
+    if cfg.pipeline.get("experts", False):
+        experts_stage(cfg, finetune)
     paths = None
     if all(s is not None for s in summaries.values()):
         from ssmooth import report
 
         paths = report.write_report(out, radii=plain(cfg.certify).get("radii"))
     return PipelineResult(folder=out, summaries=summaries, report=paths)
+
+
+def experts_stage(cfg: DictConfig, finetune: dict) -> Path:
+    """One expert per level of the finetuning grid: the pretrained model finetuned at that constant level, as
+    long as the constant arm (which is the expert at the base level, so it is not trained twice). Training only:
+    the experts are certified by the certificates that route inputs to them. Returns ``experts.json``."""
+    from ssmooth.noise import sigma_grid
+
+    out = Path(cfg.output_dir)
+    grid = sigma_grid(cfg.noise.sigma, cfg.noise.grid_factors)
+    done = {}
+    if cfg.pipeline.constant_arm:
+        done[float(cfg.noise.sigma)] = out / "finetune_constant" / "checkpoints" / "last.ckpt"
+
+    def train_level(level: float, folder: str) -> Path:
+        train_and_certify(stage_settings(cfg, folder, **finetune, noise={"kind": "constant", "sigma": level},
+                                         **{"certify.enabled": False}))
+        return out / folder / "checkpoints" / "last.ckpt"
+
+    return train_experts(cfg, grid, train_level, done)
 
 
 def stage_settings(cfg: DictConfig, name: str, **changes) -> DictConfig:
