@@ -72,7 +72,7 @@ def test_mnist_lenet_gives_the_reference_logits_on_raw_pixels(family, layout, tm
 
 
 def test_written_checkpoint_rebuilds_the_same_model_as_certify_does(tmp_path):
-    from ssmooth.cli.train import build_model
+    from ssmooth.build import build_model
     from ssmooth.lit.module import load_checkpoint, model_state
 
     weights = lenet_weights(seed=1)

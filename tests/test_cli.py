@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ssmooth.build import build_trainer
 from ssmooth.cli import certify as certify_cli
 from ssmooth.cli import train as train_cli
 from ssmooth.cli.common import CONFIG_DIR, ConfigError
@@ -263,7 +264,7 @@ def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
                                 "trainer.precision=32-true", f"output_dir={tmp_path}"])
     if cfg.trainer.devices == -1:
         cfg.trainer.devices = 2
-    built = train_cli.build_trainer(cfg, tmp_path, [], [])
+    built = build_trainer(cfg, tmp_path, [], [])
     assert built.max_epochs == cfg.trainer.max_epochs
 
 
@@ -513,7 +514,7 @@ def test_certify_refuses_bad_input_naming_it(tmp_path):
 
 
 def test_a_model_whose_width_is_not_num_classes_is_refused():
-    from ssmooth.cli.common import check_output_width
+    from ssmooth.build import check_output_width
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
     with pytest.raises(ConfigError, match=r"^model=x outputs 7 classes but the dataset has num_classes=10$"):
@@ -561,7 +562,7 @@ def test_help_lists_the_groups_each_command_takes(monkeypatch, capsys):
 
 
 def test_config_differences_name_each_changed_leaf():
-    from ssmooth.cli.common import config_differences
+    from ssmooth.build import config_differences
 
     saved = {"noise": {"sigma": 0.25}, "trainer": {"max_epochs": 1, "devices": 1}, "output_dir": "a"}
     requested = {"noise": {"sigma": 0.5}, "trainer": {"max_epochs": 1, "devices": 1}, "output_dir": "b",

@@ -4,6 +4,8 @@
   ssmooth-certify ckpt=PATH certify.skip=20 certify.n=100000 certify.alpha=0.001        # Cohen's protocol
   ssmooth-certify ckpt=PATH certify.policy=samplewise certify.allocation=lp             # per-point levels
   ssmooth-certify ckpt=RUN/selector/checkpoints/last.ckpt certify.policy=inductive     # level selector
+  ssmooth-certify ckpt=RUN/selector/checkpoints/last.ckpt certify.experts=RUN          # routed to experts
+  ssmooth-certify ckpt=RUN/finetune_samplewise/checkpoints/last.ckpt certify.policy=cascade
   ssmooth-certify ckpt=PATH certify.sampling=adaptive certify.max_radius_loss=0.04     # fewer samples per point
   ssmooth-certify ckpt=PATH dataset.source=npz dataset.npz_dir=DIR                      # data from .npz
 
@@ -91,8 +93,32 @@ def shard_folders(shard_dirs) -> list[str]:
     return [str(d) for d in shard_dirs]
 
 
+def certify_experts(spec, dataset: str):
+    """``certify.experts``: a pipeline folder holding experts.json, or a list of checkpoints each trained at one
+    constant level. Returns ``(levels, models)`` in increasing level order, or None."""
+    if not spec:
+        return None
+    from ssmooth.checkpoints import load_model
+    from ssmooth.pipeline.experts import load_experts
+
+    try:
+        if isinstance(spec, str):
+            return load_experts(spec)
+        loaded = [load_model(path) for path in spec]
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"certify.experts: {err}") from None
+    for path, (_, meta) in zip(spec, loaded):
+        if meta["noise"]["kind"] != "constant" or meta["dataset"]["name"] != dataset:
+            raise ConfigError(f"certify.experts: {path} is not a model trained at one constant level on {dataset}")
+    by_level = sorted(((float(meta["sigma"]), model) for model, meta in loaded), key=lambda pair: pair[0])
+    levels = [level for level, _ in by_level]
+    if len(set(levels)) != len(levels):
+        raise ConfigError(f"certify.experts: two experts share a level ({levels})")
+    return levels, [model for _, model in by_level]
+
+
 def run(cfg: DictConfig) -> dict | None:
-    from ssmooth.cli.train import build_datamodule, build_model
+    from ssmooth.build import build_datamodule, build_model
     from ssmooth.certify.distributed import MergeError
     from ssmooth.certify.runfolder import RunFolderError, file_sha256
     from ssmooth.evaluate import certify_model, certify_on_ranks, certify_part
@@ -124,13 +150,14 @@ def run(cfg: DictConfig) -> dict | None:
     # A checkpoint trained with per-sample levels carries their grid (certify.policy=constant leaves it unused).
     grid = certification_grid(cert_cfg, noise["sigma"], noise.get("grid"), f"checkpoint {cfg.ckpt}")
     selector = None
-    if "selector" in meta and cert_cfg.policy in (None, "inductive"):
+    if "selector" in meta and cert_cfg.policy in (None, "inductive", "routed"):
         from ssmooth.lit.selector import load_selector
 
         selector = load_selector(meta, state, datamodule.info)
     if cert_cfg.policy == "inductive" and selector is None:
         raise ConfigError(f"certify.policy=inductive: checkpoint {cfg.ckpt} has no level selector; train one with "
                           "the pipeline's selector stage (stage=pipeline selector.enabled=true)")
+    experts = certify_experts(cert_cfg.experts, datamodule.info.name)
     points = test_points(datamodule, cert_cfg)
     output_dir = Path(cfg.output_dir)
     rank, world_size, barrier, device, fabric = 0, 1, None, resolve_device(cfg.device), None
@@ -145,7 +172,7 @@ def run(cfg: DictConfig) -> dict | None:
                               "hydra.run.dir=... on a filesystem they share")
     kw = dict(num_classes=datamodule.info.num_classes, base_sigma=noise["sigma"], grid=grid,
               dataset=datamodule.info.name, meta={**meta, "checkpoint": str(cfg.ckpt)}, device=device,
-              checkpoint_sha256=file_sha256(cfg.ckpt), selector=selector)
+              checkpoint_sha256=file_sha256(cfg.ckpt), selector=selector, experts=experts)
     with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
         try:
             if cert_cfg.merge:

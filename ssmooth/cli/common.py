@@ -2,7 +2,6 @@
 130), ``--help``, the project logger, output folders, building parts from configs."""
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import logging
@@ -11,16 +10,30 @@ import re
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
+
+# The parts that the pipeline shares with the commands, re-exported here for the commands.
+from ssmooth.build import (  # noqa: F401
+    ConfigError,
+    Interrupted,
+    certification_grid,
+    certification_note,
+    certify_config,
+    check_output_width,
+    config_differences,
+    log,
+    on_interrupt,
+    plain,
+    rerun_hint,
+    resolve_device,
+    test_points,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-
-# The run's messages: through logging, so that they reach the console and the run's <job>.log file once.
-log = logging.getLogger("ssmooth")
 
 # One token per process: with ${now:} it makes every job's run folder unique, even for two jobs started in the
 # same second. Cached, so every reference within one process agrees.
@@ -81,38 +94,6 @@ def quiet_console() -> None:
 
 def _keep_line(record: logging.LogRecord) -> bool:
     return not any(s in record.getMessage() for s in _DROPPED_LINES)
-
-
-class ConfigError(ValueError):
-    """A bad setting, found before any work starts; the message names the key and the value."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, with one line saying what the interrupted work kept and how to resume it."""
-
-
-@contextlib.contextmanager
-def on_interrupt(note: Callable[[], str], folder: Path | None = None) -> Iterator[None]:
-    """Ctrl-C inside the block becomes ``Interrupted(message)``, printed by ``exit_on_config_error`` (exit 130).
-
-    The message is what the interrupted code said, when it raised a KeyboardInterrupt with one (certification
-    counts the rows it kept), with "re-run the same command" made precise for ``folder`` (run folders are
-    time-stamped, so the same command alone would start a new one); otherwise ``note()``, computed when the
-    interrupt arrives so that it can count what was kept by then."""
-    try:
-        yield
-    except Interrupted:
-        raise
-    except KeyboardInterrupt as err:
-        said = str(err).removeprefix("interrupted: ")
-        try:
-            if said and folder is not None:
-                message = said.replace("re-run the same command", rerun_hint(folder), 1)
-            else:
-                message = said or note()
-        except Exception as failure:  # a note must never hide the interrupt itself
-            message = said or f"(what was kept is unknown: {failure})"
-        raise Interrupted(message) from None
 
 
 def exit_on_config_error(task):
@@ -297,86 +278,6 @@ def command_help(config_name: str, doc: str) -> str:
     return "\n".join(lines)
 
 
-def plain(node) -> dict:
-    """A config node as a plain dict (resolved)."""
-    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
-
-
-def check_types(settings: dict, schema, prefix: str) -> None:
-    """Raise ConfigError for a setting whose value is not of the dataclass field's declared type: ``n=1e4`` is
-    the float 10000.0, which would fail deep inside certification instead of here."""
-    import typing
-
-    hints = typing.get_type_hints(schema)
-    for key, value in settings.items():
-        if key in hints and not _of_type(value, hints[key]):
-            wanted = _type_name(hints[key])
-            whole = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
-            raise ConfigError(f"{prefix}.{key}={value!r} must be {wanted}{whole}")
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
-
-
-def _type_name(hint) -> str:
-    import typing
-
-    if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
-    args = typing.get_args(hint)
-    if args:
-        return " or ".join(_type_name(h) for h in args)
-    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _of_type(value, hint) -> bool:
-    import types
-    import typing
-
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_of_type(value, h) for h in typing.get_args(hint))
-    if origin is list:
-        (item,) = typing.get_args(hint) or (object,)
-        return isinstance(value, (list, tuple)) and all(_of_type(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:  # an int is a float's value too (alpha=1), a bool is neither
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return hint is object or isinstance(value, hint)
-
-
-def certify_config(node):
-    """The certification settings as a validated CertifyConfig; unknown keys, values of the wrong type and bad
-    values are ConfigErrors."""
-    from ssmooth.evaluate import CertifyConfig
-
-    settings = node if isinstance(node, dict) else plain(node)
-    try:
-        check_types(settings, CertifyConfig, "certify")
-        cfg = CertifyConfig(**settings)
-        cfg.validate()
-        factors = cfg.grid_factors
-        if factors is not None and (not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
-            raise ConfigError(f"certify.grid_factors={factors} must be a non-empty list of factors > 0 "
-                              "(the levels are sigma * factor)")
-    except TypeError as err:
-        raise ConfigError(f"certify: {err}") from None
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return cfg
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def report_certification(summary: dict, out_dir: Path) -> None:
     """Print the certified-accuracy table and draw the curve of a finished certification."""
     from ssmooth import report
@@ -388,99 +289,3 @@ def report_certification(summary: dict, out_dir: Path) -> None:
         log.info(f"wall time: {summary['wall_time_s']:.1f} s waited (slowest of {parts['count']} parts "
                  f"{parts['slowest']:.1f} s, then the merge), {parts['sum']:.1f} s summed over the parts")
     log.info(f"rows, summary and plot: {out_dir}")
-
-
-def certification_grid(cert_cfg, base_sigma: float, trained_grid, source: str) -> list[float] | None:
-    """The levels sample-wise certification chooses from: ``certify.grid_factors`` when given, else the grid the
-    model was trained with. A sample-wise certification without any grid is refused here, before any work."""
-    from ssmooth.noise import sigma_grid
-
-    grid = list(trained_grid or []) or None
-    if cert_cfg.grid_factors is not None:
-        grid = sigma_grid(cert_cfg.sigma or base_sigma, cert_cfg.grid_factors)
-    if cert_cfg.policy == "samplewise" and not grid:
-        raise ConfigError(f"certify.policy=samplewise: {source} was trained at one level; give the grid with "
-                          "certify.grid_factors=[0.5,1.0,2.0]")
-    return grid
-
-
-def test_points(datamodule, cert_cfg):
-    """The certification subset of ``certify.split``; an empty or inverted one (start past the end, max not
-    above start) is a ConfigError naming the keys."""
-    from ssmooth.evaluate import certification_points
-
-    try:
-        points = certification_points(datamodule, cert_cfg)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if len(points) == 0:
-        raise ConfigError(f"certify.split={cert_cfg.split} certify.start={cert_cfg.start} certify.max={cert_cfg.max} "
-                          f"certify.skip={cert_cfg.skip} selects no point")
-    return points
-
-
-def check_output_width(model, input_shape, num_classes: int, source: str) -> None:
-    """One forward pass on a blank input: a model whose output width is not the dataset's number of classes
-    would certify against the wrong classes, so it is refused before any work."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            width = model(torch.zeros(1, *input_shape)).shape[-1]
-    finally:
-        model.train(was_training)
-    if width != num_classes:
-        raise ConfigError(f"{source} outputs {width} classes but the dataset has num_classes={num_classes}")
-
-
-def config_differences(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """``key=requested (was saved)`` for every leaf that differs, skipping keys under ``ignore``.
-
-    A key the saved config does not have (added to the package after it was written) counts only when the
-    request sets it to something other than null or false: an option that did not exist was not in use."""
-    def leaves(node, prefix=""):
-        out = {}
-        for key, value in (node or {}).items():
-            if isinstance(value, dict) and value:
-                out.update(leaves(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    old, new = leaves(saved), leaves(requested)
-    differences = []
-    for key in sorted(set(old) | set(new)):
-        if any(key == i or key.startswith(f"{i}.") for i in ignore):
-            continue
-        if key not in old and new.get(key) in (None, False):
-            continue
-        if old.get(key, "<absent>") != new.get(key, "<absent>"):
-            differences.append(f"{key}={new.get(key, '<absent>')} (was {old.get(key, '<absent>')})")
-    return differences
-
-
-def certification_note(out_dir: Path, total: int) -> str:
-    """What an interrupted certification kept: flushed rows per file, and how to resume."""
-    kept = []
-    for path in sorted(Path(out_dir).glob("certify*.tsv")):
-        text = path.read_text()
-        rows = max(text.count("\n") - 1, 0)  # a torn last line has no newline and is redone on resume
-        kept.append(f"{rows}/{total} rows in {path.name}")
-    what = ", ".join(kept) if kept else "no rows yet"
-    return f"certification stopped: kept {what} in {out_dir}; {rerun_hint(out_dir)} to resume"
-
-
-def rerun_hint(out_dir: Path) -> str:
-    """How to run the same command into the same folder (run folders are time-stamped by default)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            return f"re-run the same command with hydra.sweep.dir={hydra_cfg.sweep.dir}"
-        return f"re-run the same command with hydra.run.dir={hydra_cfg.runtime.output_dir}"
-    except Exception:  # outside a Hydra app (called from Python)
-        return f"re-run with output_dir={out_dir}"

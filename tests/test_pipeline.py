@@ -1,0 +1,64 @@
+"""The pipeline's stages called from Python (no command line): experts, the selector stage, run folders."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmooth.build import compose_settings
+from ssmooth.lit.module import load_checkpoint, model_state
+from ssmooth.pipeline import load_experts, run_pipeline
+
+# One optimizer step per stage, two certified points, few samples.
+TINY = [
+    "experiment=demo", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "dataset.train_subset=8",
+    "dataset.batch_size=4", "dataset.eval_batch_size=4", "dataset.num_workers=0", "noise.num_draws=2",
+    "certify.n0=8", "certify.n=100", "certify.max=2", "certify.skip=1", "certify.batch_size=64",
+    "certify.progress=false", "pipeline.finetune_epochs=1", "selector.epochs=1", "logger=none",
+]
+
+
+def tiny_settings(out: Path, *overrides: str):
+    return compose_settings([*TINY, f"output_dir={out}", *overrides])
+
+
+def test_experts_one_per_level_with_the_constant_arm_as_the_base_levels_expert(tmp_path):
+    cfg = tiny_settings(tmp_path, "selector.enabled=false", "noise.grid_factors=[0.5,1.0,2.0]")
+    run_pipeline(cfg)
+    listing = json.loads((tmp_path / "experts.json").read_text())
+    assert listing["levels"] == [0.125, 0.25, 0.5]
+    assert listing["checkpoints"] == ["experts/s0.125/checkpoints/last.ckpt",
+                                      "finetune_constant/checkpoints/last.ckpt",
+                                      "experts/s0.5/checkpoints/last.ckpt"]
+    assert not (tmp_path / "experts" / "s0.25").exists()  # the constant arm is not trained twice
+    levels, models = load_experts(tmp_path)
+    assert levels == [0.125, 0.25, 0.5]
+    for level, model, path in zip(levels, models, listing["checkpoints"]):
+        meta, state = load_checkpoint(tmp_path / path)
+        assert meta["noise"] == {"kind": "constant", "sigma": level, "grid": []}
+        assert meta["stage"] == "finetune"
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, model_state(state)[name])
+        assert not model.training
+    # Experts are trained, not certified: no summary of their own, so the report holds the same stages.
+    assert not list((tmp_path / "experts").rglob("summary.json"))
+
+
+def test_experts_without_the_constant_arm_train_the_base_level_too_resume_and_are_checked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pipeline.experts=true"):
+        load_experts(tmp_path)
+    cfg = tiny_settings(tmp_path, "selector.enabled=false", "pipeline.constant_arm=false",
+                        "noise.grid_factors=[1.0,2.0]", "certify.enabled=false")
+    run_pipeline(cfg)
+    levels, _ = load_experts(tmp_path / "experts.json")
+    assert levels == [0.25, 0.5]
+    assert (tmp_path / "experts" / "s0.25" / "checkpoints" / "last.ckpt").is_file()
+    before = (tmp_path / "experts" / "s0.5" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    run_pipeline(cfg)  # the same settings: every finished stage is skipped
+    assert (tmp_path / "experts" / "s0.5" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
+    listing = json.loads((tmp_path / "experts.json").read_text())
+    listing["checkpoints"].reverse()  # each level now points at the other level's expert
+    (tmp_path / "experts.json").write_text(json.dumps(listing))
+    with pytest.raises(ValueError, match=r"expert of level 0.25 .* not at the constant level 0.25"):
+        load_experts(tmp_path)
