@@ -29,10 +29,11 @@ path with --label NAME@DATASET=PATH. A log without a dataset is reported in an "
 no envelope, never mixed into another dataset's comparison. Runs record their dataset in summary.json.
 
 The radius grid is the union of the standard grids of the datasets present (CIFAR-10 0 to 2.25 by 0.25,
-MNIST 0 to 4 by 0.5, ImageNet 0 to 3 by 0.5, others 0 to 2 by 0.25), or --radii. The envelope is the best
-SOUND certificate at each radius over every variant of every source on that dataset; per-point radii before
-the transductive allocation are an upper bound, marked in report.md and left out of report.tex and the plots
-unless --unsound.
+MNIST 0 to 4 by 0.5, ImageNet 0 to 3 by 0.5, others 0 to 2 by 0.25), or --radii; the terminal shows a few of
+them, report.md and report.tex all. An envelope is the best SOUND certificate at each radius over every variant
+of every source on that dataset, one per scope: certificates for any input, and transductive ones (this test
+set only), never mixed. Per-point radii before the transductive allocation are an upper bound, marked in
+report.md and left out of report.tex and the plots unless --unsound.
 
 Exit status: 0, or 2 with one line on stderr for a missing path, a bad log, or nothing to report."""
 
@@ -53,10 +54,10 @@ def _parse_label(text: str) -> tuple[str, str | None, Path]:
     return name, dataset or None, Path(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Returns the exit status: 0, or 2 with a message on stderr (missing path, bad log, nothing found)."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", type=Path, nargs="*", metavar="PATH",
                         help="run folders, sweep folders, published logs (TSV) or folders of logs")
     parser.add_argument("--label", action="append", default=[], metavar="NAME[@DATASET]=PATH",
@@ -71,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="radii of the tables (default: the union of the datasets' standard grids)")
     parser.add_argument("--unsound", action="store_true",
                         help="also put unsound upper bounds in report.tex and the plots (dotted)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the exit status: 0, or 2 with a message on stderr (missing path, bad log, nothing found)."""
+    args = _parser().parse_args(argv)
     if args.radii is not None and min(args.radii) < 0:
         return _fail(f"--radii must be >= 0, got {args.radii}")
     try:

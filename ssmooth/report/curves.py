@@ -112,7 +112,7 @@ def _certificate(variant_name: str, variant: Mapping) -> str:
     return f"{text}; {caveat}" if caveat else text
 
 
-CHOSEN_ON_POINTS = "level chosen on the evaluated points, with their labels"
+CHOSEN_ON_POINTS = "level chosen on the evaluated points"
 
 
 def _caveat(variant_name: str, variant: Mapping) -> str | None:

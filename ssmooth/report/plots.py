@@ -1,6 +1,7 @@
 """Plots of certified accuracy against radius: exact step curves from the rows, and the envelope."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ def plot_certified_accuracy(summaries, path, envelope: bool = True, title: str |
                             include_unsound: bool = False) -> dict:
     """Certified accuracy (%) against l2 radius: one curve per sound variant of every source (unsound ones
     dotted, only with ``include_unsound``) and, with ``envelope``, the best sound certificate at each radius,
-    one envelope per scope (any input: thick dashed black; this test set: thick dash-dotted dark red), drawn on
+    one envelope per scope (any input: thick dashed black; this test set: thick dotted black), drawn on
     top. Saves ``path`` (PNG) and the same name with ``.pdf``.
 
     A variant whose rows are at hand is drawn as its exact step curve (see ``certified_accuracy_curve``); else
@@ -100,22 +101,24 @@ def _draw_curves(ax, drawn: dict, x_end: float) -> None:
     for i, (label, ((x, y), exact, curve)) in enumerate(drawn.items()):
         style = {"color": f"C{i % 10}", "linewidth": 1.4, "zorder": 2,
                  "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)] if curve.sound is not False else ":",
-                 "label": label if curve.sound is not False else f"{label} {UNSOUND_MARK}"}
+                 # a long legend entry folds instead of running off the figure
+                 "label": textwrap.fill(label if curve.sound is not False else f"{label} {UNSOUND_MARK}", 90)}
         if exact:  # y[i] holds on (x[i-1], x[i]]; 0 after the largest certified radius
             ax.step(np.append(x, x_end), 100 * np.append(y, 0.0), where="pre", **style)
         else:
             ax.plot(x, 100 * np.asarray(y), marker="o", markersize=3, **style)
 
 
-_ENVELOPE_STYLES = {ANY_INPUT: {"color": "black", "linestyle": (0, (4, 2))},
-                    THIS_TEST_SET: {"color": "darkred", "linestyle": (0, (6, 2, 1, 2))}}
+# Both black (no curve is), told apart by their dashes.
+_ENVELOPE_STYLES = {ANY_INPUT: {"color": "black", "linestyle": (0, (4, 2)), "linewidth": 2.4},
+                    THIS_TEST_SET: {"color": "black", "linestyle": (0, (1, 1.5)), "linewidth": 2.0}}
 
 
 def _draw_envelope(ax, xy, exact: bool, x_end: float, scope: str) -> None:
     x, y = xy
     label = f"envelope, {scope}: best sound certificate" + ("" if exact else " (on the grid)")
     # On top of the curves it bounds, so that it stays visible where it coincides with one of them.
-    style = {**_ENVELOPE_STYLES[scope], "linewidth": 2.4, "alpha": 0.85, "zorder": 3}
+    style = {**_ENVELOPE_STYLES[scope], "alpha": 0.85, "zorder": 3}
     if exact:
         ax.step(np.append(x, x_end), 100 * np.append(y, 0.0), where="pre", label=label, **style)
     else:

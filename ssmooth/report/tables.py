@@ -172,7 +172,8 @@ def _caption(text: str, group) -> str:
     text += "; an abstain counts as wrong. ACR: average certified radius."
     caveats = dict.fromkeys(c for s in group for n, v in _variants(s) if (c := _caveat(n, v)))
     for caveat in caveats:
-        text += f" constant_best: Cohen's certificate at the best single level of the grid ({caveat}; this favours it)."
+        text += (f" constant_best: Cohen's certificate at the best single level of the grid ({caveat}, with their "
+                 "labels; this favours it).")
     return text
 
 
@@ -291,7 +292,7 @@ def _terminal_caption(curves, note: str | None) -> str | None:
     if any(id(c.summary) in several for c in curves):
         caption.append("*: the run's headline certificate")
     if any(_caveat(c.variant_name, c.variant) for c in curves):
-        caption.append(f"†: {CHOSEN_ON_POINTS} (a favourable baseline)")
+        caption.append(f"†: {CHOSEN_ON_POINTS}, with their labels (a favourable baseline)")
     caption += [f"{c.job} {_short_certificate(c)}: {_notes(c)}" for c in curves if _notes(c)]
     caption += [note] if note else []
     return "\n".join(caption) or None
