@@ -25,11 +25,11 @@ from ssmooth import report
 from ssmooth.certify import kinds
 from ssmooth.certify.allocation import allocate, verify_allocation
 from ssmooth.certify.checks import check_run
-from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, start_part
+from ssmooth.certify.distributed import finish_part, merge_parts, part_positions, parts_device, start_part
 from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, certify_points_inductive
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS, RowWriter, read_rows, write_rows, write_summary
 from ssmooth.certify.run import certify_points, dataset_indices
-from ssmooth.certify.runfolder import fingerprint, open_run_folder, state_dict_sha256
+from ssmooth.certify.runfolder import fingerprint, open_run_folder, points_pixels_sha256, state_dict_sha256
 from ssmooth.certify.stats import require_useful_sample_size
 
 POLICIES = ("constant", "samplewise", "inductive")
@@ -149,7 +149,7 @@ def certification_points(datamodule, cfg: CertifyConfig):
 
 
 def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, dataset: str, sigma: float,
-                    grid: Sequence[float] | None, selector=None) -> dict:
+                    grid: Sequence[float] | None, selector=None, device: torch.device | str = "cpu") -> dict:
     """The fingerprint of a certification with these settings on these points (see ssmooth.certify.runfolder).
     ``cfg.policy`` must be resolved; ``grid`` and the selection settings count only where per-point levels are
     chosen by test-time selection (sample-wise runs, and inductive runs with a grid, which report both); a level
@@ -161,9 +161,9 @@ def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, datas
     fp = fingerprint(
         checkpoint_sha256=checkpoint_sha256, dataset=dataset, split=cfg.split,
         subset={"skip": cfg.skip, "max": cfg.max, "start": cfg.start}, indices=dataset_indices(points),
-        labels=[int(y) for y in labels], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=cfg.policy, sigma=sigma,
+        labels=[int(y) for y in labels], pixels_sha256=points_pixels_sha256(points), n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=cfg.policy, sigma=sigma,
         grid=sorted(float(s) for s in grid) if samplewise and grid else None, selection=selection, seed=cfg.seed,
-        autocast=cfg.autocast,
+        autocast=cfg.autocast, device=torch.device(device).type,
     )
     if cfg.sampling != "fixed":
         # Rows of fixed and adaptive sampling (or of two budgets) must never share a folder; fixed runs keep the
@@ -212,9 +212,10 @@ def certify_model(
     """
     check_run(points, base_sigma=base_sigma, grid=grid)
     cfg, sigma0, fp = _settled(model, points, cfg, base_sigma=base_sigma, grid=grid, dataset=dataset,
-                               checkpoint_sha256=checkpoint_sha256, selector=selector)
+                               checkpoint_sha256=checkpoint_sha256, selector=selector, device=device)
     out = Path(out_dir)
     if merge_from is not None:  # a bad part is refused before this folder is touched
+        fp = {**fp, "device": parts_device(merge_from) or fp["device"]}  # the merge draws no noise itself
         merge_parts(merge_from, None, fp, dataset_indices(points))
     with open_run_folder(out, fp, overwrite=cfg.overwrite):
         if merge_from is not None:
@@ -232,13 +233,15 @@ def certify_model(
 
 
 def _settled(model, points, cfg: CertifyConfig, *, base_sigma: float, grid=None, dataset: str = "",
-             checkpoint_sha256: str | None = None, selector=None, **_) -> tuple[CertifyConfig, float, dict]:
+             checkpoint_sha256: str | None = None, selector=None, device: torch.device | str = "cpu",
+             **_) -> tuple[CertifyConfig, float, dict]:
     """The resolved settings, the constant level and the fingerprint of certifying ``points`` this way: one
     computation for a run folder and for the parts of a distributed run, so that the two always agree."""
     cfg = _resolved(cfg, grid, selector)
     sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
     fp = run_fingerprint(cfg, points, dataset=dataset, sigma=sigma0, grid=grid,
-                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model), selector=selector)
+                         checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model), selector=selector,
+                         device=device)
     return cfg, sigma0, fp
 
 
