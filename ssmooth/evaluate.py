@@ -161,9 +161,10 @@ def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, datas
     fp = fingerprint(
         checkpoint_sha256=checkpoint_sha256, dataset=dataset, split=cfg.split,
         subset={"skip": cfg.skip, "max": cfg.max, "start": cfg.start}, indices=dataset_indices(points),
-        labels=[int(y) for y in labels], pixels_sha256=points_pixels_sha256(points), n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=cfg.policy, sigma=sigma,
+        labels=[int(y) for y in labels], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, policy=cfg.policy, sigma=sigma,
         grid=sorted(float(s) for s in grid) if samplewise and grid else None, selection=selection, seed=cfg.seed,
-        autocast=cfg.autocast, device=torch.device(device).type,
+        autocast=cfg.autocast,
+        pixels_sha256=points_pixels_sha256(points), device=torch.device(device).type,
     )
     if cfg.sampling != "fixed":
         # Rows of fixed and adaptive sampling (or of two budgets) must never share a folder; fixed runs keep the
