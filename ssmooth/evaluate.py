@@ -24,11 +24,12 @@ from torch import nn
 from ssmooth import report
 from ssmooth.certify import kinds
 from ssmooth.certify.checks import check_run
-from ssmooth.certify.distributed import finish_part, merge_parts, merged_wall_time, part_positions, start_part
+from ssmooth.certify.distributed import (finish_part, merge_parts, merged_wall_time, part_positions, parts_device,
+                                         start_part)
 from ssmooth.certify.kinds import CONSTANT_COLUMNS, SAMPLEWISE_ROW_COLUMNS  # noqa: F401 (importers use them here)
 from ssmooth.certify.results import RowWriter, read_rows, write_summary
 from ssmooth.certify.run import certify_points, dataset_indices
-from ssmooth.certify.runfolder import fingerprint, open_run_folder, state_dict_sha256
+from ssmooth.certify.runfolder import fingerprint, open_run_folder, points_pixels_sha256, state_dict_sha256
 from ssmooth.certify.stats import require_useful_sample_size
 
 POLICIES = ("constant", "samplewise", "inductive", "routed", "cascade")
@@ -152,7 +153,8 @@ def certification_points(datamodule, cfg: CertifyConfig):
 
 
 def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, dataset: str, sigma: float,
-                    grid: Sequence[float] | None, selector=None, experts=None) -> dict:
+                    grid: Sequence[float] | None, selector=None, experts=None,
+                    device: torch.device | str = "cpu") -> dict:
     """The fingerprint of a certification with these settings on these points (see ssmooth.certify.runfolder).
     ``cfg.policy`` must be resolved; ``grid`` and the selection settings count only where per-point levels are
     chosen by test-time selection (sample-wise runs, and inductive runs with a grid, which report both); a level
@@ -168,6 +170,7 @@ def run_fingerprint(cfg: CertifyConfig, points, *, checkpoint_sha256: str, datas
         grid=sorted(float(s) for s in grid) if (samplewise or cfg.policy == "cascade") and grid else None,
         selection=selection, seed=cfg.seed,
         autocast=cfg.autocast,
+        pixels_sha256=points_pixels_sha256(points), device=torch.device(device).type,
     )
     if cfg.sampling != "fixed":
         # Rows of fixed and adaptive sampling (or of two budgets) must never share a folder; fixed runs keep the
@@ -223,9 +226,11 @@ def certify_model(
     """
     check_run(points, base_sigma=base_sigma, grid=grid)
     cfg, sigma0, fp = _settled(model, points, cfg, base_sigma=base_sigma, grid=grid, dataset=dataset,
-                               checkpoint_sha256=checkpoint_sha256, selector=selector, experts=experts)
+                               checkpoint_sha256=checkpoint_sha256, selector=selector, experts=experts,
+                               device=device)
     out = Path(out_dir)
     if merge_from is not None:  # a bad part is refused before this folder is touched
+        fp = {**fp, "device": parts_device(merge_from) or fp["device"]}  # the merge draws no noise itself
         merge_parts(merge_from, None, fp, dataset_indices(points))
     with open_run_folder(out, fp, overwrite=cfg.overwrite):
         if merge_from is not None:
@@ -247,14 +252,15 @@ def certify_model(
 
 
 def _settled(model, points, cfg: CertifyConfig, *, base_sigma: float, grid=None, dataset: str = "",
-             checkpoint_sha256: str | None = None, selector=None, experts=None, **_) -> tuple[CertifyConfig, float, dict]:
+             checkpoint_sha256: str | None = None, selector=None, experts=None, device: torch.device | str = "cpu",
+             **_) -> tuple[CertifyConfig, float, dict]:
     """The resolved settings, the constant level and the fingerprint of certifying ``points`` this way: one
     computation for a run folder and for the parts of a distributed run, so that the two always agree."""
     cfg = _resolved(cfg, grid, selector, experts)
     sigma0 = float(cfg.sigma if cfg.sigma is not None else base_sigma)
     fp = run_fingerprint(cfg, points, dataset=dataset, sigma=sigma0, grid=grid,
                          checkpoint_sha256=checkpoint_sha256 or state_dict_sha256(model), selector=selector,
-                         experts=experts)
+                         experts=experts, device=device)
     return cfg, sigma0, fp
 
 

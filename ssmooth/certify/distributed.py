@@ -102,6 +102,17 @@ def merged_wall_time(summary: dict, folders: Sequence[str | os.PathLike]) -> dic
             "parts_wall_time_s": {"count": len(walls), "sum": round(sum(walls), 2), "slowest": max(walls)}}
 
 
+def parts_device(folders: Sequence[str | os.PathLike]) -> str | None:
+    """The kind of device the first readable part drew its noise on. The merge draws none itself, so it takes
+    the parts' kind and can run on any machine (GPU shards merge on a CPU node); a part of another kind than the
+    first is then refused as a part of another certification."""
+    for folder in map(Path, folders):
+        record = read_record(folder)
+        if record is not None:
+            return record["fingerprint"].get("device")
+    return None
+
+
 def merge_parts(folders: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None, expected: dict,
                 indices: Sequence[int]) -> list[str]:
     """Merge the part folders into ``out_dir``: every row file once per dataset index, in index order.

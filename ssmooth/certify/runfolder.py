@@ -1,7 +1,8 @@
 """A certification folder is a contract: its rows come from one checkpoint and one set of settings.
 
-``fingerprint(...)`` records what changes a certification's rows (the checkpoint's content, the points, the
-sampling and the noise levels, the package version); ``open_run_folder`` writes it to ``fingerprint.json``
+``fingerprint(...)`` records what changes a certification's rows (the checkpoint's content, the points and their
+pixels, the sampling and the noise levels, the kind of device that draws the noise, the version of the
+certification scheme and of the package); ``open_run_folder`` writes it to ``fingerprint.json``
 before the first row, resumes a folder whose fingerprint is the same, and refuses any other one unless asked
 to start it afresh. It also takes an exclusive lock, so two processes never append to one folder at once.
 
@@ -26,8 +27,13 @@ LOCK_FILE = "certify.lock"
 # What a certification writes into its folder; an overwrite removes exactly these, never checkpoints or logs.
 OUTPUT_PATTERNS = ("certify*.tsv", "certify*.tsv.tmp", "summary.json", "summary.json.tmp", "certified_accuracy.png")
 # The compared keys, in a fixed order: other tools (shard merging) rely on this set.
-FINGERPRINT_KEYS = ("checkpoint_sha256", "dataset", "split", "subset", "points_sha256", "n0", "n", "alpha",
-                    "policy", "sigma", "grid", "selection", "seed", "autocast", "version")
+FINGERPRINT_KEYS = ("checkpoint_sha256", "dataset", "split", "subset", "points_sha256", "pixels_sha256", "n0", "n",
+                    "alpha", "policy", "sigma", "grid", "selection", "seed", "autocast", "device",
+                    "certification_scheme", "version")
+# The version of the rules that turn settings into rows: bump it whenever the rows of unchanged settings would
+# change (the noise draws, their order or pieces, a statistic), so that a folder never mixes rows of two schemes.
+# 1: per-point streams; 2: CPU streams seeded with all 63 bits of their seed.
+SCHEME_VERSION = 2
 
 
 class RunFolderError(ValueError):
@@ -50,6 +56,7 @@ def fingerprint(
     subset: Mapping,
     indices: Iterable[int],
     labels: Iterable[int],
+    pixels_sha256: str,
     n0: int,
     n: int,
     alpha: float,
@@ -59,13 +66,16 @@ def fingerprint(
     selection: Mapping | None = None,
     seed: int = 0,
     autocast: str | None = None,
+    device: str = "cpu",
     version: str | None = None,
 ) -> dict:
     """What produced a folder's rows, as a JSON-ready dict with the keys ``FINGERPRINT_KEYS``.
 
     ``subset`` is the user's definition of the points (e.g. skip/max/start); ``indices`` and ``labels`` are the
-    points it gave, hashed, so a dataset that changed under the same definition is caught too. ``grid`` and
-    ``selection`` matter only for sample-wise runs: pass None for a constant level.
+    points it gave, hashed, so a dataset that changed under the same definition is caught too, and
+    ``pixels_sha256`` (``points_pixels_sha256``) catches other images under the same indices and labels.
+    ``grid`` and ``selection`` matter only for sample-wise runs: pass None for a constant level. ``device`` is the
+    kind of device that draws the noise ("cpu", "cuda"): the same seed draws other noise on another kind.
     """
     if version is None:
         from ssmooth import __version__ as version
@@ -78,6 +88,7 @@ def fingerprint(
         "split": str(split),
         "subset": {k: subset[k] for k in sorted(subset)},
         "points_sha256": points.hexdigest(),
+        "pixels_sha256": str(pixels_sha256),
         "n0": int(n0),
         "n": int(n),
         "alpha": float(alpha),
@@ -87,6 +98,8 @@ def fingerprint(
         "selection": None if selection is None else {k: selection[k] for k in sorted(selection)},
         "seed": int(seed),
         "autocast": autocast,
+        "device": str(device),
+        "certification_scheme": SCHEME_VERSION,
         "version": str(version),
     }
     # A JSON round trip: the dict compares equal to what fingerprint.json gives back.
@@ -111,15 +124,38 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def state_dict_sha256(module) -> str:
     """sha256 of a model's state_dict (names, dtypes, shapes and bytes, in key order): the identity of an
     in-memory model, e.g. one certified right after training. Not equal to its checkpoint file's hash."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        _update_with_tensor(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def points_pixels_sha256(points) -> str:
+    """sha256 of the pixels of every item ``(x, y, index)`` of ``points``, in order, read the cheapest way: one
+    in-memory tensor of images as it is, image files by their bytes (no decoding: ImageNet-size subsets hash at
+    disk speed), any other dataset item by item."""
     import torch
 
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        # As raw bytes: numpy has no bfloat16, and equal bytes is what "the same weights" means.
-        digest.update(t.view(torch.uint8).numpy().tobytes())
+    images, paths = getattr(points, "images", None), getattr(points, "paths", None)
+    if isinstance(images, torch.Tensor) and len(images) == len(points):
+        _update_with_tensor(digest, "images", images)
+    elif paths is not None and len(paths) == len(points):
+        for path in paths:
+            digest.update(file_sha256(path).encode())
+    else:
+        for position in range(len(points)):
+            _update_with_tensor(digest, str(position), points[position][0])
     return digest.hexdigest()
+
+
+def _update_with_tensor(digest, name: str, tensor) -> None:
+    import torch
+
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+    # As raw bytes: numpy has no bfloat16, and equal bytes is what "the same values" means.
+    digest.update(t.view(torch.uint8).numpy().data)
 
 
 class RunFolder:

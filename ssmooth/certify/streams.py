@@ -11,6 +11,7 @@ The same seed gives the same draws on the same kind of device (a CPU and a GPU g
 Every stream's generator depends on all 63 bits of its seed: two streams of a run never share draws. A GPU's
 Philox generator takes the whole seed; the CPU's Mersenne Twister keeps only the low 32 bits of ``manual_seed``
 (so two of 20,000 points could draw identical noise), and is given its whole state from the seed instead.
+Any change to the draws changes rows: bump ``ssmooth.certify.runfolder.SCHEME_VERSION`` with it.
 """
 from __future__ import annotations
 
@@ -22,11 +23,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-# The version of the rules that turn settings into rows: bump it whenever the rows of unchanged settings would
-# change (the draws, their order or pieces, a statistic), so that a folder never mixes rows of two versions.
-# 2: CPU streams seeded with all 63 bits.
-SCHEME_VERSION = 2
 
 # What the draws are for; streams of different purposes of one point are independent, so CERTIFY's estimation
 # never reuses the draws that chose its class or its noise level.

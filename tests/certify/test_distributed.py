@@ -191,3 +191,33 @@ def test_inductive_parts_merge_into_the_rows_of_one_process(tmp_path):
     assert reference["level"].nunique() > 1 or reference["predict"].nunique() > 1  # rows worth comparing
     assert pd.read_csv(tmp_path / "merged" / "certify.tsv", sep="\t")[columns].equals(reference)
     assert merged["variants"]["inductive"] == one["variants"]["inductive"]
+
+
+def test_merge_refuses_parts_certified_on_other_pixels(tmp_path):
+    net, data, cfg = model(), points(6), config(policy="constant")
+    mirrored = IndexedDataset(data.images.flip(3), data.labels, data.indices)  # same indices and labels
+    _, dirs = in_shards(net, mirrored, tmp_path, cfg)
+    with pytest.raises(MergeError, match="shard0 was certified with pixels_sha256="):
+        certify_model(net, data, tmp_path / "out", cfg, merge_from=dirs, **KW)
+
+
+@pytest.mark.parametrize("key, value", [("device", "cuda"), ("certification_scheme", 1)])
+def test_merge_refuses_a_part_of_another_device_kind_or_certification_scheme(tmp_path, key, value):
+    net, data, cfg = model(), points(6), config(policy="constant")
+    _, dirs = in_shards(net, data, tmp_path, cfg)
+    record = read_record(dirs[1])
+    record["fingerprint"][key] = value  # as a part certified on a GPU, or by an earlier version, records it
+    (dirs[1] / "part.json").write_text(json.dumps(record))
+    with pytest.raises(MergeError, match=f"shard1 was certified with {key}={value!r}, this run has {key}="):
+        certify_model(net, data, tmp_path / "out", cfg, merge_from=dirs, **KW)
+
+
+def test_parts_certified_on_gpus_merge_on_a_cpu(tmp_path):
+    net, data, cfg = model(), points(6), config(policy="constant")
+    _, dirs = in_shards(net, data, tmp_path, cfg)
+    for folder in dirs:  # as parts certified on GPUs record it
+        record = read_record(folder)
+        record["fingerprint"]["device"] = "cuda"
+        (folder / "part.json").write_text(json.dumps(record))
+    merged = certify_model(net, data, tmp_path / "out", cfg, merge_from=dirs, **KW)  # this process: a CPU
+    assert merged["fingerprint"]["device"] == "cuda" and merged["points"]["count"] == 6

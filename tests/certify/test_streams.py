@@ -9,8 +9,8 @@ from ssmooth.certify import certify, predict, sample_counts
 from ssmooth.certify.results import RowWriter, read_rows
 from ssmooth.certify.run import certify_points
 from ssmooth.certify.inductive import selector_seed
-from ssmooth.certify.streams import (PURPOSES, SCHEME_VERSION, NoiseStream, point_seed, point_streams,
-                                     seeded_generator)
+from ssmooth.certify.runfolder import SCHEME_VERSION
+from ssmooth.certify.streams import PURPOSES, NoiseStream, point_seed, point_streams, seeded_generator
 from ssmooth.selection import select_sigma
 
 SHAPE = (1, 6, 6)
