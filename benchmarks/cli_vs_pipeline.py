@@ -10,6 +10,7 @@ Each repeat runs, one after the other (interleaved, so a change in load hits all
   cli-batch-1000  the same with certify.batch_size=1000, the command's default before it took the checkpoint's.
 The time compared is the summary's wall_time_s: the certification alone, not start-up, imports or training,
 over the same points with the same rows. It prints the machine, the medians and the ratios to the pipeline.
+"""
 from __future__ import annotations
 
 import argparse
