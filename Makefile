@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/ssmooth-train
 
-## The default suite (slow tests deselected); `make test-all` runs everything.
+## The default suite (slow tests deselected); `make test-all` runs everything. Tests on real data or published
+## files run with SSMOOTH_DATA=DIR (MNIST / CIFAR-10 .npz) and SSMOOTH_PUBLISHED=DIR, and are skipped, saying so, without.
 test: install
 	$(THREADS) $(BIN)/python -m pytest -m "not slow" -q
 

@@ -6,7 +6,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Real datasets and published files that some tests use when they are there (the rest of the suite needs none):
+# SSMOOTH_DATA and SSMOOTH_PUBLISHED name their folders; unset, they are looked for in a folder beside the checkout.
+SHARED_DATA = Path(os.environ.get("SSMOOTH_DATA") or REPO.parent / "shared" / "data")
+PUBLISHED = Path(os.environ.get("SSMOOTH_PUBLISHED") or REPO.parent / "shared" / "published")
+DATA_HELP = ("needs real MNIST and CIFAR-10 as .npz: set SSMOOTH_DATA=DIR, DIR holding mnist/mnist_train.npz, "
+             "mnist/mnist_test.npz, cifar10/cifar10_train_first4000.npz and cifar10/cifar10_test.npz (arrays 'images' "
+             "uint8, 'labels'; the file names are ssmooth.data.NPZ_FILES)")
+LOGS_HELP = ("needs Cohen et al.'s published CIFAR-10 per-image logs: set SSMOOTH_PUBLISHED=DIR, DIR holding "
+             "logs/cohen_cifar10_resnet110_noise{0.25,0.50,1.00}.tsv (data/certify/cifar10/resnet110/noise_X/test/"
+             "sigma_X of github.com/locuslab/smoothing) and PROVENANCE.md with their table")
+COHEN_HELP = ("needs a CIFAR-10 ResNet-110 file in Cohen et al.'s layout and its probe logits: set SSMOOTH_PUBLISHED=DIR, "
+              "DIR holding checkpoints/cohen_cifar10_resnet110_random.pth.tar and .probe.pt")
 
 # Tests run in parallel processes: one thread each avoids oversubscribing a small CPU.
 torch.set_num_threads(1)
@@ -44,9 +55,28 @@ def clean_distributed_env(monkeypatch):
 
 @pytest.fixture
 def shared_data() -> Path:
+    """The folder of real MNIST / CIFAR-10 .npz files (SSMOOTH_DATA); the test is skipped, saying how to give it,
+    when it is missing."""
     if not (SHARED_DATA / "mnist" / "mnist_test.npz").is_file():
-        pytest.skip("../shared/data is not beside the checkout")
+        pytest.skip(DATA_HELP)
     return SHARED_DATA
+
+
+@pytest.fixture
+def published_logs() -> Path:
+    """The folder of published per-image logs (SSMOOTH_PUBLISHED)."""
+    if not (PUBLISHED / "PROVENANCE.md").is_file() or not (PUBLISHED / "logs").is_dir():
+        pytest.skip(LOGS_HELP)
+    return PUBLISHED
+
+
+@pytest.fixture(scope="session")
+def published_checkpoints() -> Path:
+    """The folder of published-format checkpoints (SSMOOTH_PUBLISHED/checkpoints)."""
+    folder = PUBLISHED / "checkpoints"
+    if not all((folder / f"cohen_cifar10_resnet110_random.{ext}").is_file() for ext in ("pth.tar", "probe.pt")):
+        pytest.skip(COHEN_HELP)
+    return folder
 
 
 @pytest.fixture

@@ -15,9 +15,6 @@ from ssmooth.cli import importer
 from ssmooth.data import DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
-PUBLISHED = REPO.parent / "shared" / "published" / "checkpoints"
-COHEN_FILE = PUBLISHED / "cohen_cifar10_resnet110_random.pth.tar"
-COHEN_PROBE = PUBLISHED / "cohen_cifar10_resnet110_random.probe.pt"
 CIFAR, MNIST, IMAGENET = DATASETS["cifar10"], DATASETS["mnist"], DATASETS["imagenet"]
 
 
@@ -205,14 +202,14 @@ def test_imported_checkpoint_certifies_and_finetunes(tmp_path, shared_data):
 
 
 @pytest.fixture(scope="module")
-def cohen():
+def cohen(published_checkpoints):
     """The published Cohen-format file, its network keys, the probe, and our imported model."""
-    if not (COHEN_FILE.is_file() and COHEN_PROBE.is_file()):
-        pytest.skip("the published Cohen checkpoint is not beside the checkout")
-    state = torch.load(COHEN_FILE, map_location="cpu", weights_only=True)["state_dict"]
+    cohen_file = published_checkpoints / "cohen_cifar10_resnet110_random.pth.tar"
+    state = torch.load(cohen_file, map_location="cpu", weights_only=True)["state_dict"]
     network = {k[len("1."):]: v for k, v in state.items()}
-    probe = torch.load(COHEN_PROBE, map_location="cpu", weights_only=True)
-    model, meta = import_published(COHEN_FILE, "cohen", "cifar10", sigma=0.25)
+    probe = torch.load(published_checkpoints / "cohen_cifar10_resnet110_random.probe.pt", map_location="cpu",
+                       weights_only=True)
+    model, meta = import_published(cohen_file, "cohen", "cifar10", sigma=0.25)
     return network, probe, model, meta
 
 

@@ -1,12 +1,9 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from ssmooth.data import DATASETS, IndexedDataset, SmoothingDataModule, crop_flip_augmentation, load_split
 
-SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 
 
 def test_digits_loads_in_unit_range_with_a_fixed_split():
@@ -154,9 +151,8 @@ def test_unknown_names_are_errors():
         load_split("digits", "val")
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mnist" / "mnist_test.npz").is_file(), reason="../shared/data not present")
-def test_shared_mnist_test_file():
-    data = load_split("mnist", "test", source="npz", npz_dir=SHARED_DATA)
+def test_shared_mnist_test_file(shared_data):
+    data = load_split("mnist", "test", source="npz", npz_dir=shared_data)
     assert data.images.shape == (10000, 1, 28, 28)
     counts = torch.bincount(data.labels, minlength=10).tolist()
     assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # PROVENANCE.md

@@ -25,10 +25,15 @@ def wandb_offline_default() -> bool:
 
 def certification_metrics(summary: dict, prefix: str = "cert") -> dict[str, float]:
     """Flatten a certification summary into logger keys: ``cert/acc@0.5``, ``cert/acr``, ``cert/abstain`` for the
-    headline variant, and ``cert/<variant>/...`` for the others (e.g. the constant-sigma baseline)."""
+    headline variant, and ``cert/<variant>/...`` for the others (e.g. the constant-sigma baseline).
+
+    A variant recorded as unsound (an upper bound, not a certificate) goes under ``unsound/``, e.g.
+    ``unsound/final/samplewise_raw/acr``: in W&B's panels and the CSV columns it can never pass for a result."""
     metrics: dict[str, float] = {}
     for name, variant in summary["variants"].items():
         key = prefix if name == summary["main"] else f"{prefix}/{name}"
+        if variant.get("sound") is False:
+            key = f"unsound/{key}"
         for r, acc in zip(summary["radii"], variant["certified_accuracy"]):
             metrics[f"{key}/acc@{r:g}"] = float(acc)
         metrics[f"{key}/acr"] = float(variant["acr"])
