@@ -38,10 +38,7 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
     if (output_dir / "summary.json").is_file():
         log.info(f"{output_dir}: already finished (summary.json exists), skipping")
         return json.loads((output_dir / "summary.json").read_text())
-    options = plain(cfg.selector)
-    unknown = set(options) - SELECTOR_KEYS
-    if unknown:
-        raise ConfigError(f"selector: unknown key(s) {sorted(unknown)}")
+    options = check_selector_settings(cfg)
     cert_cfg = certify_config(cfg.certify)
     datamodule = build_datamodule(plain(cfg.dataset), cfg.seed)
     datamodule.setup("fit")
@@ -54,14 +51,43 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
     return certify_selector(cfg, cert_cfg, datamodule, out)
 
 
+def check_selector_settings(cfg: DictConfig) -> dict:
+    """The ``selector.*`` settings, checked without the classifier (its grid decides the default sigma_e)."""
+    options = plain(cfg.selector)
+    unknown = set(options) - SELECTOR_KEYS
+    if unknown:
+        raise ConfigError(f"selector: unknown key(s) {sorted(unknown)}")
+    if options.get("sigma_e") is not None and not float(options["sigma_e"]) > 0:
+        raise ConfigError(f"selector.sigma_e={options['sigma_e']} must be > 0")
+    if not isinstance(options.get("epochs"), int) or options["epochs"] < 1:
+        raise ConfigError(f"selector.epochs={options.get('epochs')!r} must be an integer >= 1")
+    optimizer = _selector_optimizer(cfg, options)
+    import torch
+
+    try:  # built once now on a stand-in weight, so that a bad learning rate fails before the first stage
+        optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
+    except Exception as err:
+        raise ConfigError(f"selector.lr={options['lr']}: {root_cause(err)}") from None
+    return options
+
+
+def _selector_optimizer(cfg: DictConfig, options: dict):
+    import functools
+
+    from hydra.utils import instantiate
+
+    try:
+        return functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
+    except Exception as err:
+        raise ConfigError(f"optim: {root_cause(err)}") from None
+
+
 def fit_selector(cfg: DictConfig, options: dict, classifier_ckpt: Path, datamodule, out: Path) -> bool:
     """Train the selector on the classifier's level table and save both in ``out``; False on ranks other than 0
     (they save nothing)."""
     import dataclasses
-    import functools
 
     import lightning as L
-    from hydra.utils import instantiate
 
     from ssmooth.lit.module import load_checkpoint
     from ssmooth.lit.selector import SelectorModule, default_selector_model, save_with_selector
@@ -77,10 +103,7 @@ def fit_selector(cfg: DictConfig, options: dict, classifier_ckpt: Path, datamodu
     model_cfg = options.get("model") or default_selector_model(meta["model"])
     L.seed_everything(cfg.seed, workers=True)
     selector = build_model(model_cfg, dataclasses.replace(datamodule.info, num_classes=len(grid)))
-    try:
-        optimizer = functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
-    except Exception as err:
-        raise ConfigError(f"optim: {root_cause(err)}") from None
+    optimizer = _selector_optimizer(cfg, options)
     module = SelectorModule(selector, targets, sigma_e, len(grid), optimizer, meta=meta)
     output_dir = Path(cfg.output_dir)
     loggers = build_loggers(plain(cfg.logger), output_dir)
