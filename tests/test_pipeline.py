@@ -1,13 +1,18 @@
 """The pipeline's stages called from Python (no command line): experts, the selector stage, run folders."""
+import dataclasses
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
-from ssmooth.build import compose_settings
+from ssmooth.build import build_datamodule, build_model, certify_config, compose_settings
+from ssmooth.build import test_points as points_of
 from ssmooth.lit.module import load_checkpoint, model_state
+from ssmooth.lit.selector import load_selector
 from ssmooth.pipeline import load_experts, run_pipeline
+from ssmooth.pipeline.selector import reuse_constant_rows
 
 # One optimizer step per stage, two certified points, few samples.
 TINY = [
@@ -130,6 +135,8 @@ def test_a_refused_command_leaves_no_trace_and_the_same_folder_then_runs(tmp_pat
     assert capsys.readouterr().err.strip() == "error: noise.sigma=-0.5 must be > 0"
     assert not run_dir.exists()
     assert command("noise.sigma=0.5") == 0
+    # Training ends by naming its checkpoint, in one line.
+    assert f"trained model: {run_dir / 'checkpoints' / 'last.ckpt'}" in (run_dir / "train.log").read_text()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "train.log").is_file()
     record = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "noise.sigma=0.5" in record and (run_dir / ".hydra" / "config.yaml").is_file()
@@ -137,3 +144,29 @@ def test_a_refused_command_leaves_no_trace_and_the_same_folder_then_runs(tmp_pat
     assert command("noise.sigma=0.75") == 2
     assert "already holds a run with other settings: noise.sigma=0.75 (was 0.5)" in capsys.readouterr().err
     assert (run_dir / ".hydra" / "overrides.yaml").read_text() == record
+
+
+def test_the_selector_stage_reuses_the_constant_rows_of_the_samplewise_stage(tmp_path):
+    result = run_pipeline(tiny_settings(tmp_path, "pipeline.constant_arm=false", "pipeline.experts=false"))
+    source, selector = tmp_path / "finetune_samplewise", tmp_path / "selector"
+    # Copied, not certified again: the same bytes, time column included.
+    assert (selector / "certify_constant.tsv").read_bytes() == (source / "certify_constant.tsv").read_bytes()
+    inductive = result.summaries["selector"]
+    assert inductive["variants"]["constant"]["acr"] == result.samplewise["variants"]["constant"]["acr"]
+    assert len(pd.read_csv(selector / "certify.tsv", sep="\t")) == 2
+    # Another classifier's rows are never taken: other weights, so nothing is copied.
+    datamodule = build_datamodule({"name": "digits"}, 0)
+    datamodule.setup("fit")
+    meta, state = load_checkpoint(selector / "checkpoints" / "last.ckpt")
+    classifier = build_model(meta["model"], datamodule.info)
+    classifier.load_state_dict(model_state(state))
+    cert_cfg = dataclasses.replace(certify_config(tiny_settings(tmp_path).certify), policy="inductive",
+                                   best_constant=False)
+    how = dict(base_sigma=0.25, dataset="digits", checkpoint_sha256="x",
+               selector=load_selector(meta, state, datamodule.info))
+    points = points_of(datamodule, cert_cfg)
+    assert reuse_constant_rows(source, tmp_path / "same", classifier, points, cert_cfg, **how)
+    with torch.no_grad():
+        next(classifier.parameters()).add_(1e-3)
+    assert not reuse_constant_rows(source, tmp_path / "other", classifier, points, cert_cfg, **how)
+    assert not (tmp_path / "other").exists()

@@ -120,6 +120,7 @@ def fit_selector(cfg: DictConfig, options: dict, classifier_ckpt: Path, datamodu
                      "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt),
                      "train_wall_time_s": round(time.perf_counter() - began, 2)}
     save_with_selector(classifier_ckpt, selector, selector_meta, out)
+    log.info(f"trained model: {out} (the classifier and its level selector)")
     return True
 
 
@@ -155,6 +156,11 @@ def certify_selector(cfg: DictConfig, cert_cfg, datamodule, out: Path) -> dict:
     selector = load_selector(meta, state, datamodule.info)
     points = test_points(datamodule, cert_cfg)
     cert_cfg = dataclasses.replace(cert_cfg, policy="inductive", best_constant=False)
+    source = Path(meta["selector"]["trained_from"]).parent.parent
+    if reuse_constant_rows(source, output_dir, classifier, points, cert_cfg, base_sigma=meta["noise"]["sigma"],
+                           dataset=datamodule.info.name, checkpoint_sha256=file_sha256(out), selector=selector):
+        log.info(f"{output_dir}: the constant certificate's rows are those of {source} (the same classifier, "
+                 "points and sampling)")
     with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
         try:
             summary = certify_model(classifier, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
@@ -167,3 +173,34 @@ def certify_selector(cfg: DictConfig, cert_cfg, datamodule, out: Path) -> dict:
             raise ConfigError(str(err)) from None
     draw_certified_accuracy(summary, output_dir)
     return summary
+
+
+# What may differ between the sample-wise stage's folder and the selector stage's for their constant rows to be
+# the same: how the run chooses levels, and the checkpoint file (the classifier inside is compared by its weights).
+_ROWS_NEUTRAL = ("checkpoint_sha256", "policy", "grid", "selection", "selector")
+
+
+def reuse_constant_rows(source: Path, output_dir: Path, classifier, points, cert_cfg, **how) -> bool:
+    """Start the selector stage's constant certificate from the rows the stage that certified its classifier
+    already wrote, instead of certifying the same points again: only into a folder with no rows yet, and only
+    when that stage finished and certified the same weights (``state_dict`` hash), points, sampling, level,
+    seed and package version. The copied rows are then resumed as the stage's own. Returns whether it copied."""
+    import shutil
+
+    from ssmooth.certify.runfolder import FINGERPRINT_FILE, diff_fingerprints, open_run_folder, state_dict_sha256
+    from ssmooth.evaluate import _settled
+
+    rows = source / "certify_constant.tsv"
+    if not (rows.is_file() and (source / "summary.json").is_file() and (source / FINGERPRINT_FILE).is_file()):
+        return False
+    if (output_dir / FINGERPRINT_FILE).exists() or list(output_dir.glob("certify*.tsv")):
+        return False
+    recorded = json.loads((source / FINGERPRINT_FILE).read_text())
+    _, _, fp = _settled(classifier, points, cert_cfg, **how)
+    if recorded.get("checkpoint_sha256") != state_dict_sha256(classifier) \
+            or [k for k in diff_fingerprints(recorded, fp) if k not in _ROWS_NEUTRAL]:
+        return False
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_run_folder(output_dir, fp):  # the fingerprint first: rows without one are never trusted
+        shutil.copyfile(rows, output_dir / rows.name)
+    return True

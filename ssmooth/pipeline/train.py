@@ -88,6 +88,8 @@ def train_and_certify(cfg: DictConfig, on_start: Callable[[Path], None] | None =
     try:
         began = time.perf_counter()
         fit(job)
+        if job.trainer.is_global_zero:
+            log.info(f"trained model: {output_dir / 'checkpoints' / 'last.ckpt'}")
         # Selection included; after a resume, only the resumed part.
         job.meta = {**job.meta, "train_wall_time_s": round(time.perf_counter() - began, 2)}
         if not cert_cfg.enabled:
