@@ -1,18 +1,21 @@
 """The method end to end: pretrain, finetune (sample-wise levels, and the constant level beside it), the level
-selector, and the certification of each, in one folder with one report."""
+selector, one expert per level, and the certification of each, in one folder with one report."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssmooth.build import ConfigError, certify_config, plain
+from ssmooth.build import ConfigError, build_datamodule, certify_config, plain
 from ssmooth.pipeline.experts import train_experts
-from ssmooth.pipeline.runfolder import check_run_folder
-from ssmooth.pipeline.selector import train_selector
-from ssmooth.pipeline.train import train_and_certify
+from ssmooth.pipeline.routed import FOLDER, certify_experts
+from ssmooth.pipeline.runfolder import check_run_folder, never_started
+from ssmooth.pipeline.selector import check_selector_settings, train_selector
+from ssmooth.pipeline.train import build_training_job, train_and_certify
 
 # Called after each stage with its name, its summary (None when it certified nothing) and its folder.
 StageHook = Callable[[str, "dict | None", Path], None]
@@ -30,21 +33,21 @@ class PipelineResult:
         return self.summaries.get("finetune_samplewise")
 
 
-def run_pipeline(cfg: DictConfig, on_stage: StageHook | None = None) -> PipelineResult:
+def run_pipeline(cfg: DictConfig, on_stage: StageHook | None = None,
+                 on_start: Callable[[Path], None] | None = None) -> PipelineResult:
     """Pretrain at the base level (stage A), finetune with sample-wise levels (B-C) and certify with per-point
     levels and allocation (D-F); beside it, the same pretrained model continued at the constant level for the
     same number of epochs (``pipeline.constant_arm``), the level selector (``selector.enabled``), and one expert
     per level of the grid (``pipeline.experts``, listed in ``experts.json``; see ``load_experts``). Each stage
-    has its own subfolder of ``cfg.output_dir``; one report covers all. Re-running the same settings into the
+    has its own subfolder of ``cfg.output_dir``; one report covers all. Every stage's settings are checked
+    before anything is written (then ``on_start(folder)`` is called). Re-running the same settings into the
     same folder skips finished stages and resumes an unfinished one."""
-    if cfg.noise.kind != "samplewise":
-        raise ConfigError(f"stage=pipeline needs noise=samplewise (the finetuning levels), got noise.kind={cfg.noise.kind}")
-    certify_config(cfg.certify)  # fail before the first stage, not after it
+    check_pipeline(cfg)
     out = Path(cfg.output_dir)
-    # The whole pipeline's settings must match an earlier run in this folder; each stage then skips or resumes.
-    check_run_folder(cfg, out)
+    if on_start is not None:
+        on_start(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "config.yaml").is_file():
+    if never_started(out):
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     summaries = {}
 
@@ -53,21 +56,17 @@ def run_pipeline(cfg: DictConfig, on_stage: StageHook | None = None) -> Pipeline
         if on_stage is not None:
             on_stage(name, summary, out / name)
 
-    constant_noise = {"kind": "constant", "sigma": cfg.noise.sigma}
-    done("pretrain", train_and_certify(stage_settings(cfg, "pretrain", stage="pretrain", noise=constant_noise,
-                                                      **{"certify.policy": "constant"})))
-    finetune = finetune_changes(cfg, out / "pretrain" / "checkpoints" / "last.ckpt")
-    done("finetune_samplewise", train_and_certify(
-        stage_settings(cfg, "finetune_samplewise", **finetune, **{"certify.policy": "samplewise"})))
+    done("pretrain", train_and_certify(pretrain_settings(cfg)))
+    done("finetune_samplewise", train_and_certify(samplewise_settings(cfg)))
     if cfg.selector.enabled:
         done("selector", train_selector(stage_settings(cfg, "selector", **{"trainer.max_epochs": cfg.selector.epochs}),
                                         out / "finetune_samplewise" / "checkpoints" / "last.ckpt"))
     if cfg.pipeline.constant_arm:
-        done("finetune_constant", train_and_certify(
-            stage_settings(cfg, "finetune_constant", **finetune, noise=constant_noise,
-                           **{"certify.policy": "constant"})))
+        done("finetune_constant", train_and_certify(constant_settings(cfg, "finetune_constant", cfg.noise.sigma)))
     if cfg.pipeline.get("experts", False):
-        experts_stage(cfg, finetune)
+        experts_stage(cfg)
+        if cfg.selector.enabled:
+            done(FOLDER, certify_experts(cfg))
     paths = None
     if all(s is not None for s in summaries.values()):
         from ssmooth import report
@@ -76,7 +75,64 @@ def run_pipeline(cfg: DictConfig, on_stage: StageHook | None = None) -> Pipeline
     return PipelineResult(folder=out, summaries=summaries, report=paths)
 
 
-def experts_stage(cfg: DictConfig, finetune: dict) -> Path:
+def check_pipeline(cfg: DictConfig) -> None:
+    """Every stage's settings, checked before the pipeline writes anything: a ConfigError names the first bad
+    one. The finetuning stages are checked as parts (their pretrained checkpoint does not exist yet)."""
+    if cfg.noise.kind != "samplewise":
+        raise ConfigError(f"stage=pipeline needs noise=samplewise (the finetuning levels), got noise.kind={cfg.noise.kind}")
+    certify_config(cfg.certify)
+    if cfg.selector.enabled:
+        check_selector_settings(cfg)
+    out = Path(cfg.output_dir)
+    # The whole pipeline's settings must match an earlier run in this folder; each stage then skips or resumes.
+    check_run_folder(cfg, out)
+    datamodule = build_datamodule(plain(cfg.dataset), cfg.seed)
+    stages = [pretrain_settings(cfg), samplewise_settings(cfg)]
+    if cfg.pipeline.constant_arm or cfg.pipeline.get("experts", False):
+        stages.append(constant_settings(cfg, "finetune_constant", cfg.noise.sigma))
+    with _quiet("lightning.pytorch"):  # the trainer's greeting belongs to the stage that trains
+        for stage_cfg in stages:
+            # As a fresh stage: what it resumes from is checked when it runs.
+            try:
+                build_training_job(stage_cfg, Path(stage_cfg.output_dir), "fresh",
+                                   certify_config(stage_cfg.certify), datamodule, pretrained=None)
+            except ConfigError as err:
+                if stage_cfg.stage != "finetune":
+                    raise
+                raise ConfigError(f"{err} (in {stage_cfg.name}, which finetunes with pipeline.finetune_lr="
+                                  f"{cfg.pipeline.finetune_lr} for pipeline.finetune_epochs="
+                                  f"{cfg.pipeline.finetune_epochs})") from None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def pretrain_settings(cfg: DictConfig) -> DictConfig:
+    """Stage A: the pipeline's model trained at the constant base level."""
+    return stage_settings(cfg, "pretrain", stage="pretrain", noise={"kind": "constant", "sigma": cfg.noise.sigma},
+                          **{"certify.policy": "constant"})
+
+
+def samplewise_settings(cfg: DictConfig) -> DictConfig:
+    """Stages B-C: the pretrained model finetuned with per-sample levels, certified with per-point levels."""
+    return stage_settings(cfg, "finetune_samplewise", **finetune_changes(cfg), **{"certify.policy": "samplewise"})
+
+
+def constant_settings(cfg: DictConfig, folder: str, level: float, certify: bool = True) -> DictConfig:
+    """The pretrained model finetuned at the constant ``level`` for as long as the sample-wise finetuning."""
+    return stage_settings(cfg, folder, **finetune_changes(cfg), noise={"kind": "constant", "sigma": level},
+                          **({"certify.policy": "constant"} if certify else {"certify.enabled": False}))
+
+
+def experts_stage(cfg: DictConfig) -> Path:
     """One expert per level of the finetuning grid: the pretrained model finetuned at that constant level, as
     long as the constant arm (which is the expert at the base level, so it is not trained twice). Training only:
     the experts are certified by the certificates that route inputs to them. Returns ``experts.json``."""
@@ -89,8 +145,7 @@ def experts_stage(cfg: DictConfig, finetune: dict) -> Path:
         done[float(cfg.noise.sigma)] = out / "finetune_constant" / "checkpoints" / "last.ckpt"
 
     def train_level(level: float, folder: str) -> Path:
-        train_and_certify(stage_settings(cfg, folder, **finetune, noise={"kind": "constant", "sigma": level},
-                                         **{"certify.enabled": False}))
+        train_and_certify(constant_settings(cfg, folder, level, certify=False))
         return out / folder / "checkpoints" / "last.ckpt"
 
     return train_experts(cfg, grid, train_level, done)
@@ -107,8 +162,9 @@ def stage_settings(cfg: DictConfig, name: str, **changes) -> DictConfig:
     return stage_cfg
 
 
-def finetune_changes(cfg: DictConfig, pretrained: Path) -> dict:
-    """What a finetuning stage changes: it starts from ``pretrained`` and runs ``pipeline.finetune_epochs`` at
-    the constant learning rate ``pipeline.finetune_lr``."""
+def finetune_changes(cfg: DictConfig) -> dict:
+    """What a finetuning stage changes: it starts from the pretrained checkpoint and runs
+    ``pipeline.finetune_epochs`` at the constant learning rate ``pipeline.finetune_lr``."""
+    pretrained = Path(cfg.output_dir) / "pretrain" / "checkpoints" / "last.ckpt"
     return {"stage": "finetune", "pretrained": str(pretrained), "trainer.max_epochs": cfg.pipeline.finetune_epochs,
             "optim.optimizer.lr": cfg.pipeline.finetune_lr, "optim.scheduler": None, "ckpt_path": cfg.ckpt_path}

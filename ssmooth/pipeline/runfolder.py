@@ -32,7 +32,8 @@ def check_run_folder(cfg: DictConfig, output_dir: Path) -> str:
     resume    an unfinished run with the same settings: continue from its last checkpoint;
     continue  a run saved at fewer epochs, with ckpt_path=last and only a larger trainer.max_epochs.
 
-    Any other difference is refused with a ConfigError naming it; the folder is left as it is."""
+    Any other difference is refused with a ConfigError naming it; the folder is left as it is. A folder that
+    holds only the settings of a run that never started (see ``never_started``) counts as empty."""
     saved_path = output_dir / "config.yaml"
     finished = (output_dir / "summary.json").is_file()
     last = output_dir / "checkpoints" / "last.ckpt"
@@ -40,6 +41,8 @@ def check_run_folder(cfg: DictConfig, output_dir: Path) -> str:
         if finished or last.is_file():
             raise ConfigError(f"{output_dir} holds results but no config.yaml, so it cannot tell which settings "
                               "produced them; use a new folder")
+        return "fresh"
+    if never_started(output_dir):
         return "fresh"
     saved = OmegaConf.to_container(OmegaConf.load(saved_path))
     requested = plain(cfg)
@@ -61,6 +64,18 @@ def check_run_folder(cfg: DictConfig, output_dir: Path) -> str:
     state = "a finished run" if finished else "a run"
     raise ConfigError(f"{output_dir} already holds {state} with other settings: {'; '.join(differences)}. "
                       f"{ways_out[0].upper()}{ways_out[1:]} (the folder is left as it is)")
+
+
+# What a folder holds before its run does any work: the saved settings and the command's own records and log.
+NOT_STARTED_ENTRIES = ("config.yaml", ".hydra")
+
+
+def never_started(output_dir: Path) -> bool:
+    """True when ``output_dir`` holds nothing but settings and logs: no checkpoint, metrics, rows or stage
+    folder, so no run that started there is lost by starting another."""
+    if not output_dir.is_dir():
+        return True
+    return all(p.name in NOT_STARTED_ENTRIES or p.suffix == ".log" for p in output_dir.iterdir())
 
 
 def _training_done(last: Path, cfg: DictConfig) -> bool:

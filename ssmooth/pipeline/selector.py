@@ -39,10 +39,7 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
     if (output_dir / "summary.json").is_file():
         log.info(f"{output_dir}: already finished (summary.json exists), skipping")
         return json.loads((output_dir / "summary.json").read_text())
-    options = plain(cfg.selector)
-    unknown = set(options) - SELECTOR_KEYS
-    if unknown:
-        raise ConfigError(f"selector: unknown key(s) {sorted(unknown)}")
+    options = check_selector_settings(cfg)
     cert_cfg = certify_config(cfg.certify)
     datamodule = build_datamodule(plain(cfg.dataset), cfg.seed)
     datamodule.setup("fit")
@@ -55,14 +52,47 @@ def train_selector(cfg: DictConfig, classifier_ckpt: Path) -> dict | None:
     return certify_selector(cfg, cert_cfg, datamodule, out)
 
 
+def check_selector_settings(cfg: DictConfig) -> dict:
+    """The ``selector.*`` settings, checked without the classifier (its grid decides the default sigma_e)."""
+    options = plain(cfg.selector)
+    unknown = set(options) - SELECTOR_KEYS
+    if unknown:
+        raise ConfigError(f"selector: unknown key(s) {sorted(unknown)}")
+    if options.get("sigma_e") is not None and not float(options["sigma_e"]) > 0:
+        raise ConfigError(f"selector.sigma_e={options['sigma_e']} must be > 0")
+    if options.get("targets", "radius") not in ("radius", "table"):
+        raise ConfigError(f"selector.targets={options.get('targets')!r} must be 'radius' or 'table'")
+    if not float(options.get("temperature", 0.1)) > 0:
+        raise ConfigError(f"selector.temperature={options.get('temperature')} must be > 0")
+    if not isinstance(options.get("epochs"), int) or options["epochs"] < 1:
+        raise ConfigError(f"selector.epochs={options.get('epochs')!r} must be an integer >= 1")
+    optimizer = _selector_optimizer(cfg, options)
+    import torch
+
+    try:  # built once now on a stand-in weight, so that a bad learning rate fails before the first stage
+        optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
+    except Exception as err:
+        raise ConfigError(f"selector.lr={options['lr']}: {root_cause(err)}") from None
+    return options
+
+
+def _selector_optimizer(cfg: DictConfig, options: dict):
+    import functools
+
+    from hydra.utils import instantiate
+
+    try:
+        return functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
+    except Exception as err:
+        raise ConfigError(f"optim: {root_cause(err)}") from None
+
+
 def fit_selector(cfg: DictConfig, options: dict, classifier_ckpt: Path, datamodule, out: Path) -> bool:
     """Train the selector on the classifier's level table and save both in ``out``; False on ranks other than 0
     (they save nothing)."""
     import dataclasses
-    import functools
 
     import lightning as L
-    from hydra.utils import instantiate
 
     from ssmooth.lit.module import load_checkpoint
     from ssmooth.lit.selector import default_selector_model, save_with_selector
@@ -77,10 +107,7 @@ def fit_selector(cfg: DictConfig, options: dict, classifier_ckpt: Path, datamodu
     model_cfg = options.get("model") or default_selector_model(meta["model"])
     L.seed_everything(cfg.seed, workers=True)
     selector = build_model(model_cfg, dataclasses.replace(datamodule.info, num_classes=len(grid)))
-    try:
-        optimizer = functools.partial(instantiate(cfg.optim.optimizer), lr=options["lr"])
-    except Exception as err:
-        raise ConfigError(f"optim: {root_cause(err)}") from None
+    optimizer = _selector_optimizer(cfg, options)
     began = time.perf_counter()
     module, target_stats = _selector_module(cfg, options, meta, state, grid, sigma_e, selector, optimizer,
                                             datamodule)
@@ -99,6 +126,7 @@ def fit_selector(cfg: DictConfig, options: dict, classifier_ckpt: Path, datamodu
                      "epochs": int(cfg.trainer.max_epochs), "trained_from": str(classifier_ckpt),
                      "train_wall_time_s": round(time.perf_counter() - began, 2)}
     save_with_selector(classifier_ckpt, selector, selector_meta, out)
+    log.info(f"trained model: {out} (the classifier and its level selector)")
     return True
 
 
@@ -165,6 +193,11 @@ def certify_selector(cfg: DictConfig, cert_cfg, datamodule, out: Path) -> dict:
     selector = load_selector(meta, state, datamodule.info)
     points = test_points(datamodule, cert_cfg)
     cert_cfg = dataclasses.replace(cert_cfg, policy="inductive", best_constant=False)
+    source = Path(meta["selector"]["trained_from"]).parent.parent
+    if reuse_constant_rows(source, output_dir, classifier, points, cert_cfg, base_sigma=meta["noise"]["sigma"],
+                           dataset=datamodule.info.name, checkpoint_sha256=file_sha256(out), selector=selector):
+        log.info(f"{output_dir}: the constant certificate's rows are those of {source} (the same classifier, "
+                 "points and sampling)")
     with on_interrupt(lambda: certification_note(output_dir, len(points)), folder=output_dir):
         try:
             summary = certify_model(classifier, points, output_dir, cert_cfg, num_classes=datamodule.info.num_classes,
@@ -177,3 +210,34 @@ def certify_selector(cfg: DictConfig, cert_cfg, datamodule, out: Path) -> dict:
             raise ConfigError(str(err)) from None
     draw_certified_accuracy(summary, output_dir)
     return summary
+
+
+# What may differ between the sample-wise stage's folder and the selector stage's for their constant rows to be
+# the same: how the run chooses levels, and the checkpoint file (the classifier inside is compared by its weights).
+_ROWS_NEUTRAL = ("checkpoint_sha256", "policy", "grid", "selection", "selector", "experts")
+
+
+def reuse_constant_rows(source: Path, output_dir: Path, classifier, points, cert_cfg, **how) -> bool:
+    """Start the selector stage's constant certificate from the rows the stage that certified its classifier
+    already wrote, instead of certifying the same points again: only into a folder with no rows yet, and only
+    when that stage finished and certified the same weights (``state_dict`` hash), points, sampling, level,
+    seed and package version. The copied rows are then resumed as the stage's own. Returns whether it copied."""
+    import shutil
+
+    from ssmooth.certify.runfolder import FINGERPRINT_FILE, diff_fingerprints, open_run_folder, state_dict_sha256
+    from ssmooth.evaluate import _settled
+
+    rows = source / "certify_constant.tsv"
+    if not (rows.is_file() and (source / "summary.json").is_file() and (source / FINGERPRINT_FILE).is_file()):
+        return False
+    if (output_dir / FINGERPRINT_FILE).exists() or list(output_dir.glob("certify*.tsv")):
+        return False
+    recorded = json.loads((source / FINGERPRINT_FILE).read_text())
+    _, _, fp = _settled(classifier, points, cert_cfg, **how)
+    if recorded.get("checkpoint_sha256") != state_dict_sha256(classifier) \
+            or [k for k in diff_fingerprints(recorded, fp) if k not in _ROWS_NEUTRAL]:
+        return False
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_run_folder(output_dir, fp):  # the fingerprint first: rows without one are never trusted
+        shutil.copyfile(rows, output_dir / rows.name)
+    return True

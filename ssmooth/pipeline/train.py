@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -62,11 +63,12 @@ class TrainingJob:
     trainer: object
 
 
-def train_and_certify(cfg: DictConfig) -> dict | None:
+def train_and_certify(cfg: DictConfig, on_start: Callable[[Path], None] | None = None) -> dict | None:
     """Train the model of ``cfg`` (stage pretrain or finetune) into ``cfg.output_dir``, then certify it. Returns
     the certification summary (None when certification is off, or on ranks other than 0). Every setting is
-    checked before training starts; an earlier run in the folder is skipped, resumed or continued (see
-    ``check_run_folder``). The trained model is ``checkpoints/last.ckpt`` in the folder."""
+    checked before anything is written; an earlier run in the folder is skipped, resumed or continued (see
+    ``check_run_folder``). ``on_start(folder)`` is called once the checks passed, before the first write. The
+    trained model is ``checkpoints/last.ckpt`` in the folder."""
     output_dir = Path(cfg.output_dir)
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage!r} must be one of {STAGES}")
@@ -80,10 +82,14 @@ def train_and_certify(cfg: DictConfig) -> dict | None:
         summary_path = output_dir / "summary.json"
         return json.loads(summary_path.read_text()) if summary_path.is_file() else None
     job = build_training_job(cfg, output_dir, action, cert_cfg, datamodule, pretrained)
+    if on_start is not None:
+        on_start(output_dir)
     open_run_folder(job)
     try:
         began = time.perf_counter()
         fit(job)
+        if job.trainer.is_global_zero:
+            log.info(f"trained model: {output_dir / 'checkpoints' / 'last.ckpt'}")
         # Selection included; after a resume, only the resumed part.
         job.meta = {**job.meta, "train_wall_time_s": round(time.perf_counter() - began, 2)}
         if not cert_cfg.enabled:
@@ -120,6 +126,20 @@ def build_training_job(cfg: DictConfig, output_dir: Path, action: str, cert_cfg,
                        pretrained) -> TrainingJob:
     """Build and check every part of the stage: model, objective, optimizer, data, noise, certification subset,
     callbacks, loggers and trainer. Nothing is written yet."""
+    parts = build_training_parts(cfg, cert_cfg, datamodule, pretrained)
+    callbacks = build_callbacks(cfg.get("callbacks"), output_dir)
+    ckpt_path = resolve_resume(cfg.ckpt_path, output_dir, action)
+    resume_epoch = checkpoint_epoch(ckpt_path) if ckpt_path else None
+    loggers = build_loggers(plain(cfg.logger), output_dir, resume_epoch)
+    trainer = build_trainer(cfg, output_dir, loggers, callbacks)
+    return TrainingJob(cfg=cfg, output_dir=output_dir, action=action, cert_cfg=cert_cfg, datamodule=datamodule,
+                       ckpt_path=ckpt_path, resume_epoch=resume_epoch, loggers=loggers, trainer=trainer, **parts)
+
+
+def build_training_parts(cfg: DictConfig, cert_cfg, datamodule, pretrained) -> dict:
+    """The LightningModule of the stage (model, objective, optimizer, noise) and what certifies it (points,
+    grid), each checked; the data is read here. Returns the TrainingJob fields ``module noise meta points
+    grid``."""
     import lightning as L
 
     from ssmooth.lit.module import model_state
@@ -143,14 +163,7 @@ def build_training_job(cfg: DictConfig, output_dir: Path, action: str, cert_cfg,
                                   f"the model (noise.kind={noise.kind})")
     meta = checkpoint_meta(cfg, info, noise, model_cfg)
     module = _training_module(cfg, model, objective, noise, optimizer, scheduler, info.num_classes, meta)
-    callbacks = build_callbacks(cfg.get("callbacks"), output_dir)
-    ckpt_path = resolve_resume(cfg.ckpt_path, output_dir, action)
-    resume_epoch = checkpoint_epoch(ckpt_path) if ckpt_path else None
-    loggers = build_loggers(plain(cfg.logger), output_dir, resume_epoch)
-    trainer = build_trainer(cfg, output_dir, loggers, callbacks)
-    return TrainingJob(cfg=cfg, output_dir=output_dir, action=action, cert_cfg=cert_cfg, datamodule=datamodule,
-                       module=module, noise=noise, meta=meta, points=points, grid=grid, ckpt_path=ckpt_path,
-                       resume_epoch=resume_epoch, loggers=loggers, trainer=trainer)
+    return {"module": module, "noise": noise, "meta": meta, "points": points, "grid": grid}
 
 
 def _training_module(cfg: DictConfig, model, objective, noise, optimizer, scheduler, num_classes: int, meta: dict):
