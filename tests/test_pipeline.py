@@ -170,3 +170,15 @@ def test_the_selector_stage_reuses_the_constant_rows_of_the_samplewise_stage(tmp
         next(classifier.parameters()).add_(1e-3)
     assert not reuse_constant_rows(source, tmp_path / "other", classifier, points, cert_cfg, **how)
     assert not (tmp_path / "other").exists()
+
+
+def test_the_readme_example_runs_the_pipeline_from_python(tmp_path, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The pipeline from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    tiny = ", ".join(f'"{o}"' for o in TINY[1:] + ["selector.enabled=false", "noise.grid_factors=[1.0,2.0]"])
+    example = '"output_dir=outputs/from_python"'
+    assert example in code
+    exec(code.replace(example, f'"output_dir={tmp_path}", {tiny}'), {})
+    assert "sample-wise ACR" in capsys.readouterr().out
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "experts.json").is_file()
