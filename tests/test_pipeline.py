@@ -186,3 +186,15 @@ def test_the_pipeline_certifies_the_experts_routed_cascade_and_best_level(tmp_pa
     # The routed rows use the selector's levels and each expert at its own level.
     rows = read_rows(tmp_path / "experts_certify" / "certify.tsv")
     assert set(rows["sigma"]) <= {0.0, 0.125, 0.25, 0.5} and len(rows) == 2
+
+
+def test_the_readme_example_runs_the_pipeline_from_python(tmp_path, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The pipeline from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    tiny = ", ".join(f'"{o}"' for o in TINY[1:] + ["selector.enabled=false", "noise.grid_factors=[1.0,2.0]"])
+    example = '"output_dir=outputs/from_python"'
+    assert example in code
+    exec(code.replace(example, f'"output_dir={tmp_path}", {tiny}'), {})
+    assert "sample-wise ACR" in capsys.readouterr().out
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "experts.json").is_file()
