@@ -107,6 +107,7 @@ def test_a_refused_command_leaves_no_trace_and_the_same_folder_then_runs(tmp_pat
     import sys
 
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     from ssmooth.cli import train as train_cli
 
@@ -125,6 +126,7 @@ def test_a_refused_command_leaves_no_trace_and_the_same_folder_then_runs(tmp_pat
             return exit_.code
         finally:
             GlobalHydra.instance().clear()
+            HydraConfig.instance().cfg = None  # later tests call the stages from Python, outside any app
             for handler in root.handlers[:]:
                 if handler not in handlers:
                     root.removeHandler(handler)

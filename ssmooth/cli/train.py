@@ -66,6 +66,8 @@ def _hydra_record(cfg: DictConfig):
         output_dir = Path(HydraConfig.get().runtime.output_dir)
     except (ValueError, AttributeError):  # called from Python, not from the console script
         return None
+    if output_dir.resolve() != Path(cfg.output_dir).resolve():  # a Hydra app that ran earlier in this process
+        return None
     files = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
              "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
 
