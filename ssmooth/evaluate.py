@@ -110,7 +110,7 @@ class CertifyConfig:
              f"must be null (as trained) or one of {POLICIES}"),
             ("certify.allocation", self.allocation, self.allocation in ALLOCATION_RULES,
              f"must be one of {ALLOCATION_RULES}"),
-            ("certify.sigma", self.sigma, self.sigma is None or self.sigma > 0, "must be > 0"),
+            ("certify.sigma", self.sigma, self.sigma is None or 0 < self.sigma < float("inf"), "must be finite and > 0"),
             ("certify.p0", self.p0, 0.5 <= self.p0 < 1, "must be in [0.5, 1)"),
             ("certify.selection_samples", self.selection_samples, self.selection_samples >= 1, "must be >= 1"),
             ("certify.selection_cap", self.selection_cap, self.selection_cap in ("certifiable", "draws"),

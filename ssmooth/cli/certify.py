@@ -216,7 +216,8 @@ def run(cfg: DictConfig) -> dict | None:
             else:
                 summary = certify_on_ranks(model, points, output_dir, cert_cfg, rank=rank, world_size=world_size,
                                            barrier=barrier, **kw)
-        except (MergeError, RunFolderError) as err:  # refused before any work: a bad part, another run's folder
+        except (MergeError, RunFolderError, ValueError) as err:
+            # refused: a bad part, another run's folder, or input the library refuses (NaN pixels or logits)
             if fabric is not None:
                 stop_children(fabric)
             raise ConfigError(str(err)) from None
