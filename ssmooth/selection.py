@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ssmooth.models.denoisers import call_model
+
 
 def select_sigma(
     model: nn.Module,
@@ -138,7 +140,7 @@ def _probabilities_at(model, x, point, sigma, num_samples, generator, batch_size
                     eps = torch.randn((len(row), *x.shape[1:]), generator=generator, device=noise_device,
                                       dtype=x.dtype)
                 scale = sigma[row].view(-1, *([1] * (x.ndim - 1)))
-                logits = model(x[point[row]] + scale * eps.to(x.device))
+                logits = call_model(model, x[point[row]] + scale * eps.to(x.device), sigma[row])
                 if soft:
                     votes = logits.float().softmax(dim=1)
                 else:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ssmooth.certify.streams import NoiseStream, fill_from_streams, point_streams
 from ssmooth.certify.stats import lower_confidence_bound, radius_from_pA, two_sided_pvalue
+from ssmooth.models.denoisers import call_model
 
 ABSTAIN = -1
 
@@ -112,7 +113,7 @@ def sample_counts(
                 batch = torch.addcmul(x[point], eps, sigma[point].view(-1, *[1] * (x.dim() - 1)))
                 if channels_last and batch.dim() == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                predicted = model(batch).argmax(dim=1)
+                predicted = call_model(model, batch, sigma[point]).argmax(dim=1)
                 # index_add_ rather than bincount: bincount on CUDA reads its input's range back to the host,
                 # a sync per chunk.
                 counts.index_add_(0, point * num_classes + predicted, ones[: stop - start])
