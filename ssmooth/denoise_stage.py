@@ -216,7 +216,8 @@ def fit_denoiser(cfg: DictConfig, model, options: dict, datamodule, out: Path, m
     with open_dict(sub):
         sub.trainer.max_epochs = epochs
     last = out / "checkpoints" / "last.ckpt"
-    callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)]
+    callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
+                                 save_last=True, save_top_k=1)]
     loggers = build_loggers(plain(cfg.logger), out)
     trainer = build_trainer(sub, out, loggers, callbacks)
     batch_size = train.get("batch_size") or cfg.dataset.batch_size
