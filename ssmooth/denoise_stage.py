@@ -208,6 +208,8 @@ def fit_denoiser(cfg: DictConfig, model, options: dict, datamodule, out: Path, m
     facts = {"objective": objective, "epochs": epochs, "levels": levels, "mse_epochs": mse_epochs}
     if epochs == 0:
         return facts
+    check_denoiser_folder(out, {"denoiser": options, "model": meta["model"], "dataset": plain(cfg.dataset),
+                                "seed": int(cfg.seed)})
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     optimizer = functools.partial(torch.optim.Adam, lr=float(train.get("lr", 1e-3)))
     module = DenoiserModule(model, objective, levels, optimizer, mse_epochs=mse_epochs,
@@ -230,6 +232,22 @@ def fit_denoiser(cfg: DictConfig, model, options: dict, datamodule, out: Path, m
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
     facts["train_wall_time_s"] = round(time.perf_counter() - began, 2)
     return facts
+
+
+def check_denoiser_folder(out: Path, settings: dict) -> None:
+    """A denoiser folder resumes or reuses only the training it was started with: its checkpoint is refused,
+    naming the differences, when these settings (denoiser, classifier, data, seed) differ from the saved ones."""
+    from ssmooth.cli.common import config_differences
+
+    saved_path = out / "training.json"
+    if saved_path.is_file():
+        differences = config_differences(json.loads(saved_path.read_text()), settings, ("dataset.num_workers",))
+        if differences:
+            raise ConfigError(f"{out} already holds a denoiser trained with other settings: {'; '.join(differences)}."
+                              " Use a new folder (the folder is left as it is)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(settings, indent=1))
 
 
 def certify_arm(model, points, out: Path, cert_cfg, *, info, sigma: float, grid, meta: dict) -> dict:

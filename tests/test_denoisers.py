@@ -273,6 +273,17 @@ def test_stage_refuses_bad_settings_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_denoiser_folder_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
+    from ssmooth.denoise_stage import check_denoiser_folder
+
+    settings = {"denoiser": {"name": "dncnn", "train": {"objective": "mse"}}, "seed": 0}
+    check_denoiser_folder(tmp_path, settings)
+    check_denoiser_folder(tmp_path, settings)  # the same settings resume
+    other = {"denoiser": {"name": "dncnn", "train": {"objective": "stability"}}, "seed": 0}
+    with pytest.raises(ConfigError, match=r"other settings: denoiser.train.objective=stability \(was mse\)"):
+        check_denoiser_folder(tmp_path, other)
+
+
 @pytest.mark.slow
 def test_digits_recipe_certifies_three_arms_side_by_side(tmp_path):
     cfg = compose_cfg(["experiment=digits_denoised", f"output_dir={tmp_path}", "logger=none", "trainer.max_epochs=2",
