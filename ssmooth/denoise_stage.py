@@ -96,7 +96,7 @@ def build_classifier(model_cfg: dict, info):
 
             body = torchvision.models.get_model(arch, weights=None, num_classes=info.num_classes, **options)
     except ImportError:
-        raise ConfigError("model=timm needs the timm package: pip install 'ssmooth[denoise]'") from None
+        raise ConfigError(f"model={name} needs the {name} package: pip install 'ssmooth[denoise]'") from None
     except Exception as err:  # unknown architecture names and options
         raise ConfigError(f"model={name} model.arch={arch}: {err}") from None
     channels = info.input_shape[0]
