@@ -30,6 +30,9 @@ step "ResNet-110 bf16 (auto on a GPU): throughput and forward options"
 $PY benchmarks/certify_throughput.py --model cifar_resnet110 --device "$DEVICE" --n "$N" --repeats 3 $QUICK \
     --channels-last --skip memory selection | tee "$OUT/throughput_resnet110_bf16.md"
 
+step "Denoised smoothing: classifier o denoiser (DnCNN, one-shot diffusion UNet) against the classifier alone"
+$PY benchmarks/denoiser_throughput.py --model cifar_resnet20 --device "$DEVICE" --diffusion | tee "$OUT/denoiser.md"
+
 step "ssmooth-train trainer=$TRAINER, 2 epochs (pretrain, digits MLP: needs no dataset download)"
 $PY -m ssmooth.cli.train '~experiment' trainer="$TRAINER" trainer.max_epochs=2 certify.n=2000 certify.max=50 \
     certify.progress=false hydra.run.dir="$OUT/train" 2>&1 | tail -20 | tee "$OUT/train.log"

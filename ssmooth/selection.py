@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ssmooth.certify.checks import OutputCheck, check_inputs, check_levels
+from ssmooth.models.denoisers import call_model
 
 
 def select_sigma(
@@ -145,7 +146,7 @@ def _probabilities_at(model, x, point, sigma, num_samples, generator, batch_size
                     eps = torch.randn((len(row), *x.shape[1:]), generator=generator, device=noise_device,
                                       dtype=x.dtype)
                 scale = sigma[row].view(-1, *([1] * (x.ndim - 1)))
-                logits = model(x[point[row]] + scale * eps.to(x.device))
+                logits = call_model(model, x[point[row]] + scale * eps.to(x.device), sigma[row])
                 check_output(logits)
                 if soft:
                     votes = logits.float().softmax(dim=1)

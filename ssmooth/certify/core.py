@@ -17,6 +17,7 @@ from torch import nn
 from ssmooth.certify.checks import OutputCheck, check_call, check_levels, check_num_classes, first_of
 from ssmooth.certify.streams import NoiseStream, fill_from_streams, point_streams
 from ssmooth.certify.stats import lower_confidence_bound, radius_from_pA, two_sided_pvalue
+from ssmooth.models.denoisers import call_model
 
 ABSTAIN = -1
 
@@ -114,7 +115,7 @@ def sample_counts(
                 batch = torch.addcmul(x[point], eps, sigma[point].view(-1, *[1] * (x.dim() - 1)))
                 if channels_last and batch.dim() == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                logits = model(batch)
+                logits = call_model(model, batch, sigma[point])
                 check_output(logits)
                 predicted = logits.argmax(dim=1)
                 # index_add_ rather than bincount: bincount on CUDA reads its input's range back to the host,

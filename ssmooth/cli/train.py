@@ -40,6 +40,10 @@ def run(cfg: DictConfig) -> dict | None:
     folder = Path(cfg.output_dir)
     made_by_hydra = record is not None and folder.is_dir() and not any(folder.iterdir())
     try:
+        if cfg.stage == "denoiser":
+            from ssmooth.pipeline.denoiser import train_denoiser
+
+            return train_denoiser(cfg)
         if cfg.stage == "pipeline":
             result = run_pipeline(cfg, on_stage=_print_stage, on_start=start)
             if result.report is not None:

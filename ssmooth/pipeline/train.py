@@ -40,7 +40,7 @@ from ssmooth.pipeline.runfolder import (
     training_note,
 )
 
-STAGES = ("pretrain", "finetune", "pipeline")
+STAGES = ("pretrain", "finetune", "pipeline", "denoiser")
 
 
 @dataclasses.dataclass
