@@ -22,6 +22,7 @@ TINY = [
     "dataset.batch_size=4", "dataset.eval_batch_size=4", "dataset.num_workers=0", "noise.num_draws=2",
     "certify.n0=8", "certify.n=100", "certify.max=2", "certify.skip=1", "certify.batch_size=64",
     "certify.progress=false", "pipeline.finetune_epochs=1", "selector.epochs=1", "logger=none",
+    "pipeline.experts=true",
 ]
 
 

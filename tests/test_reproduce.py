@@ -18,9 +18,10 @@ def test_reproduce_mnist_smoke_runs_the_pipeline_and_reports(tmp_path, shared_da
     subprocess.run(["bash", str(REPO / "scripts" / "reproduce.sh"), "mnist"], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=600)
     stages = {p.parent.name: json.loads(p.read_text()) for p in out.rglob("summary.json")}
-    assert set(stages) == {"pretrain", "finetune_samplewise", "selector", "finetune_constant"}
+    assert set(stages) == {"pretrain", "finetune_samplewise", "selector", "finetune_constant", "experts_certify"}
     inductive = stages["selector"]["variants"]["inductive"]
     assert inductive["sound"] and inductive["setting"] == "any input"
+    assert {"routed", "cascade", "constant_best"} <= set(stages["experts_certify"]["variants"])
     samplewise = stages["finetune_samplewise"]
     assert samplewise["dataset"] == "mnist" and samplewise["alpha"] == 0.001
     assert samplewise["variants"]["samplewise_raw"]["sound"] is False

@@ -11,7 +11,7 @@ from ssmooth.certify.runfolder import FingerprintMismatch, fingerprint, open_run
 def fp(**kw):
     base = dict(checkpoint_sha256="a" * 64, dataset="mnist", split="test", subset={"skip": 1, "max": -1, "start": 0},
                 indices=[0, 1, 2], labels=[7, 2, 1], n0=100, n=1000, alpha=0.001, policy="constant", sigma=0.25,
-                seed=0, version="0.1.0")
+                pixels_sha256="b" * 64, seed=0, version="0.1.0")
     return fingerprint(**{**base, **kw})
 
 
