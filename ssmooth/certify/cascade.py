@@ -102,14 +102,7 @@ def certify_cascade(
     per-point streams of purposes ``cascade<k>/selection`` and ``cascade<k>/estimation`` with ``seed`` and
     ``indices``, else ``generator``.
     """
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if not 0.5 <= p0 < 1:
-        raise ValueError(f"p0 must be in [0.5, 1), got {p0}")
-    if n0 < 1 or n < 1:
-        raise ValueError(f"n0 and n must be >= 1, got n0={n0}, n={n}")
-    if sampling not in ("fixed", "adaptive"):
-        raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
+    _check_settings(alpha, p0, n0, n, sampling)
     x, _ = check_call(x, levels, num_classes, levels_name="levels")  # one image [C, H, W]: a batch of one
     levels, models = _ordered(models, levels)
     num_points = x.shape[0]
@@ -139,11 +132,7 @@ def certify_cascade(
         sigma[pts] = level
         stage[pts] = k
         radius_level[pts] = level * (norm.ppf(pA_lower[answer]) - norm.ppf(p0))
-        for higher, points, upper in upper_by_level:  # the levels these points were handed down from
-            others = upper[np.searchsorted(points, pts)].copy()
-            others[np.arange(len(pts)), cA[answer]] = 0.0  # c itself may pass p0 up there
-            term = higher * (norm.ppf(p0) - norm.ppf(others.max(axis=1)))
-            abstention[pts] = np.minimum(abstention[pts], term)
+        abstention[pts] = _abstention_term(pts, cA[answer], upper_by_level, p0)
         if k == len(levels) - 1:
             break
         upper = upper_confidence_bound(votes, n_i[:, None], upper_alpha)
@@ -154,6 +143,28 @@ def certify_cascade(
     return CascadeCertificate(prediction=prediction, radius=torch.from_numpy(np.maximum(radius, 0.0)), sigma=sigma,
                               stage=stage, radius_level=torch.from_numpy(radius_level),
                               radius_abstention=torch.from_numpy(abstention), samples=samples)
+
+
+def _check_settings(alpha: float, p0: float, n0: int, n: int, sampling: str) -> None:
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if not 0.5 <= p0 < 1:
+        raise ValueError(f"p0 must be in [0.5, 1), got {p0}")
+    if n0 < 1 or n < 1:
+        raise ValueError(f"n0 and n must be >= 1, got n0={n0}, n={n}")
+    if sampling not in ("fixed", "adaptive"):
+        raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
+
+
+def _abstention_term(points: np.ndarray, classes: np.ndarray, upper_by_level: list, p0: float) -> np.ndarray:
+    """For ``points`` answered with ``classes``: the smallest ``s_j (Phi^-1(p0) - Phi^-1(max upper bound of a
+    class other than the answer))`` over the higher levels j that handed them down (inf where there were none)."""
+    term = np.full(len(points), np.inf)
+    for higher, handed, upper in upper_by_level:  # every point answered below a level was handed down by it
+        others = upper[np.searchsorted(handed, points)].copy()
+        others[np.arange(len(points)), classes] = 0.0  # c itself may pass p0 up there
+        term = np.minimum(term, higher * (norm.ppf(p0) - norm.ppf(others.max(axis=1))))
+    return term
 
 
 def _level_counts(model, x, level, n0, n, k, lower_alpha, sampling, max_radius_loss, generator, seed, indices,

@@ -96,15 +96,9 @@ def certify_inductive(
     routed to level k (expert routing; the same certificate, as each expert is just the classifier at its level).
     Inputs (one image [C, H, W] too) and refusals as in ``certify``.
     """
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     x, single = check_call(x, grid, num_classes, levels_name="grid")
-    check_levels(sigma_e, "sigma_e")
     levels = torch.tensor([float(s) for s in grid], dtype=torch.float32)
-    if sampling not in ("fixed", "adaptive"):
-        raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
-    if not isinstance(classifier, nn.Module) and len(classifier) != len(levels):
-        raise ValueError(f"classifier: {len(classifier)} experts for a grid of {len(levels)} levels (one per level)")
+    _check_settings(alpha, sigma_e, sampling, classifier, len(levels))
     options = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last)
     run = certify if sampling == "fixed" else functools.partial(certify_adaptive, max_radius_loss=max_radius_loss)
     if indices is not None:
@@ -123,16 +117,11 @@ def certify_inductive(
     ok = chosen.prediction != ABSTAIN
     if bool(ok.any()):
         sigma[ok] = levels[chosen.prediction[ok]]
-        if indices is not None:
-            noise = dict(seed=seed, indices=[i for i, keep in zip(indices, ok.tolist()) if keep])
-        else:
-            noise = dict(generator=generator)
         for model, at in _routes(classifier, chosen.prediction, ok):
-            keep = at[ok].tolist()
-            part = {**noise, "indices": [i for i, k in zip(noise["indices"], keep) if k]} if indices is not None \
-                else noise
+            noise = dict(seed=seed, indices=[i for i, keep in zip(indices, at.tolist()) if keep]) \
+                if indices is not None else dict(generator=generator)
             cert = run(model, x[at.to(x.device)], sigma[at], n0=n0, n=n, alpha=alpha / 2,
-                       num_classes=num_classes, **part, **options)
+                       num_classes=num_classes, **noise, **options)
             prediction[at] = cert.prediction
             radius_classifier[at] = cert.radius
             samples[at] += _samples(cert, int(at.sum()), n0 + n)
@@ -142,6 +131,16 @@ def certify_inductive(
                                 prediction=prediction, radius_classifier=radius_classifier, radius=radius,
                                 samples=samples)
     return first_of(cert) if single else cert
+
+
+def _check_settings(alpha: float, sigma_e: float, sampling: str, classifier, num_levels: int) -> None:
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    check_levels(sigma_e, "sigma_e")
+    if sampling not in ("fixed", "adaptive"):
+        raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
+    if not isinstance(classifier, nn.Module) and len(classifier) != num_levels:
+        raise ValueError(f"classifier: {len(classifier)} experts for a grid of {num_levels} levels (one per level)")
 
 
 def _routes(classifier, level: torch.Tensor, ok: torch.Tensor):

@@ -144,17 +144,12 @@ def batch_size_of_checkpoint(cert_cfg, meta: dict):
     return replace(cert_cfg, batch_size=trained)
 
 
-def run(cfg: DictConfig) -> dict | None:
+def load_checkpoint_to_certify(cfg: DictConfig, cert_cfg):
+    """What ``ckpt=`` holds, checked: ``(meta, datamodule, model, grid, selector, experts, cert_cfg)``, the
+    settings completed from the checkpoint (its batch size). Every problem is a one-line ConfigError."""
     from ssmooth.build import build_datamodule, build_model
-    from ssmooth.certify.distributed import MergeError
-    from ssmooth.certify.runfolder import RunFolderError, file_sha256
-    from ssmooth.evaluate import certify_model, certify_on_ranks, certify_part
     from ssmooth.lit.module import load_checkpoint, model_state
 
-    if OmegaConf.is_missing(cfg, "ckpt"):  # the command line checks this first; a config built in Python too
-        raise ConfigError("ckpt=... is required: the checkpoint to certify")
-    cert_cfg = certify_config(cfg.certify)
-    check_distributed(cfg.distributed, cert_cfg)
     try:
         meta, state = load_checkpoint(cfg.ckpt)
     except (FileNotFoundError, ValueError) as err:
@@ -173,7 +168,6 @@ def run(cfg: DictConfig) -> dict | None:
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {cfg.ckpt} does not match its own architecture: {err}") from None
     check_output_width(model, datamodule.info.input_shape, datamodule.info.num_classes, f"checkpoint {cfg.ckpt}")
-
     noise = meta["noise"]
     # A checkpoint trained with per-sample levels carries their grid (certify.policy=constant leaves it unused).
     grid = certification_grid(cert_cfg, noise["sigma"], noise.get("grid"), f"checkpoint {cfg.ckpt}")
@@ -186,6 +180,20 @@ def run(cfg: DictConfig) -> dict | None:
         raise ConfigError(f"certify.policy=inductive: checkpoint {cfg.ckpt} has no level selector; train one with "
                           "the pipeline's selector stage (stage=pipeline selector.enabled=true)")
     experts = certify_experts(cert_cfg.experts, datamodule.info.name)
+    return meta, datamodule, model, grid, selector, experts, cert_cfg
+
+
+def run(cfg: DictConfig) -> dict | None:
+    from ssmooth.certify.distributed import MergeError
+    from ssmooth.certify.runfolder import RunFolderError, file_sha256
+    from ssmooth.evaluate import certify_model, certify_on_ranks, certify_part
+
+    if OmegaConf.is_missing(cfg, "ckpt"):  # the command line checks this first; a config built in Python too
+        raise ConfigError("ckpt=... is required: the checkpoint to certify")
+    cert_cfg = certify_config(cfg.certify)
+    check_distributed(cfg.distributed, cert_cfg)
+    meta, datamodule, model, grid, selector, experts, cert_cfg = load_checkpoint_to_certify(cfg, cert_cfg)
+    noise = meta["noise"]
     points = test_points(datamodule, cert_cfg)
     output_dir = Path(cfg.output_dir)
     rank, world_size, barrier, device, fabric = 0, 1, None, resolve_device(cfg.device), None
