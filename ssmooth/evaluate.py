@@ -299,7 +299,7 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
                   points_per_group=cfg.points_per_group or max(1, cfg.batch_size // cfg.n), seed=cfg.seed,
                   device=device, autocast_dtype=AUTOCAST[cfg.autocast], channels_last=cfg.channels_last,
                   sampling=cfg.sampling, max_radius_loss=cfg.max_radius_loss)
-    model = _prepared(model, cfg, device)
+    original, model = model, _prepared(model, cfg, device)
 
     def produce(path, columns, label, *, sigma=None, runner=None, model=model):
         _run(model, points, path, columns, common=common, label=label, cfg=cfg, bar=bar, sigma=sigma, runner=runner)
@@ -311,7 +311,9 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
                     grid=sorted(float(s) for s in grid) if grid else None,
                     radii=list(cfg.radii) if cfg.radii is not None else report.standard_radii(dataset),
                     produce=produce, read=functools.partial(_requested_rows, requested=requested),
-                    selector=selector, experts=[_prepared(m, cfg, device) for m in experts[1]] if experts else None,
+                    selector=selector,
+                    experts=[model if m is original else _prepared(m, cfg, device) for m in experts[1]]
+                    if experts else None,
                     expert_levels=[float(s) for s in experts[0]] if experts else None)
     chosen = kinds.requested(_kind_names(cfg, grid), job)
     # Every row file first (a part of a distributed run stops there; the merge brings them together), then the

@@ -97,3 +97,12 @@ def test_a_new_kind_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
                             base_sigma=0.25, dataset="toy")
     labels = read_rows(tmp_path / "certify.tsv")["label"]
     assert summary["variants"]["majority"]["certified_accuracy"][0] == pytest.approx((labels == 1).mean())
+
+
+def test_the_expert_that_is_the_model_is_certified_once(tmp_path):
+    experts = (GRID, [Threshold(), Threshold(), Threshold()])
+    summary = certify_model(experts[1][1], points(), tmp_path, config(kinds=["constant", "constant_best"]),
+                            num_classes=2, base_sigma=0.25, grid=GRID, dataset="toy", experts=experts)
+    written = sorted(p.name for p in tmp_path.glob("certify*.tsv"))
+    assert written == ["certify_constant.tsv", "certify_expert_s0.125.tsv", "certify_expert_s0.5.tsv"]
+    assert summary["variants"]["constant_best"]["experts"]

@@ -42,7 +42,9 @@ class ConstantBest:
 
     def _paths(self, job: Job) -> dict:
         if job.experts:
-            return {level: (job.out / f"certify_expert_s{level:g}.tsv", expert)
+            # the model certified by the constant kind, when it is an expert at its own level, is not run twice
+            return {level: (constant_path(job) if expert is job.model and level == job.sigma0
+                            else job.out / f"certify_expert_s{level:g}.tsv", expert)
                     for level, expert in zip(job.expert_levels, job.experts)}
         return {level: (constant_path(job) if level == job.sigma0 else job.out / f"certify_constant_s{level:g}.tsv",
                         job.model) for level in sorted(float(s) for s in job.grid)}
