@@ -501,7 +501,7 @@ def selection_section(model, shape, device) -> str:
     else:
         out += ["(`ssmooth.selection.select_sigma` not importable here: the count above is from the configs only.)",
                 ""]
-    out.append("A sample-wise run also certifies every point at the constant level, as SPEC section 4 asks: "
+    out.append("A sample-wise run also certifies every point at the constant level, the baseline always reported: "
                "that is a second n0 + n, not part of the selection cost.")
     out.append("")
     return "\n".join(out)
