@@ -9,7 +9,7 @@ Two ways to train it (``selector.targets``):
   whose best level is k).
 - ``table``: hard cross-entropy on the per-sample table the finetuning kept (``SampleWiseSigma.table``). It
   tends to learn the majority level.
-Either way it is trained under Gaussian noise at its own level ``sigma_e`` (by default the largest level of the
+Either way it is trained under Gaussian noise at its own level ``sigma_e`` (by default the base level of the
 grid), because certification smooths it at that level. It is saved in the same checkpoint file as the
 classifier: weights under ``selector.``, and ``meta["selector"]`` holds its architecture, the grid and sigma_e.
 """
