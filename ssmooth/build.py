@@ -17,6 +17,9 @@ log = logging.getLogger("ssmooth")
 NOISE_KINDS = ("constant", "samplewise")
 
 
+# The commands' config files (Hydra's config folder).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
 class ConfigError(ValueError):
     """A bad setting, found before any work starts; the message names the key and the value."""
 
@@ -92,7 +95,7 @@ def compose_settings(overrides: list[str] = (), config_name: str = "train") -> D
     ``output_dir``: outside a command nothing picks one."""
     from hydra import compose, initialize_config_dir
 
-    config_dir = str(Path(__file__).resolve().parents[1] / "conf")
+    config_dir = CONFIG_DIR
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         return compose(config_name, overrides=list(overrides))
 

@@ -41,9 +41,13 @@ def run(cfg: DictConfig) -> dict | None:
     made_by_hydra = record is not None and folder.is_dir() and not any(folder.iterdir())
     try:
         if cfg.stage == "denoiser":
+            from ssmooth import report
             from ssmooth.pipeline.denoiser import train_denoiser
 
-            return train_denoiser(cfg)
+            summary = train_denoiser(cfg)  # its arms side by side: direct, denoised, Gaussian-trained
+            report.print_table(report.load_summaries(folder), radii=plain(cfg.certify).get("radii"),
+                               title=f"{cfg.name}: certified accuracy (%) at l2 radius r")
+            return summary
         if cfg.stage == "pipeline":
             result = run_pipeline(cfg, on_stage=_print_stage, on_start=start)
             if result.report is not None:

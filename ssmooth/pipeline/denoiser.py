@@ -25,18 +25,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssmooth.cli.common import (
+from ssmooth.build import (
     CONFIG_DIR,
     ConfigError,
     certification_grid,
     certify_config,
     check_output_width,
+    config_differences,
     log,
     plain,
-    report_certification,
     resolve_device,
     test_points,
 )
+from ssmooth.pipeline.run import stage_settings
 
 OFF_THE_SHELF = ("timm", "torchvision")
 TRAIN_KEYS = {"objective", "epochs", "lr", "sigma", "grid_factors", "mse_epochs", "batch_size"}
@@ -140,16 +141,6 @@ def load_dncnn(denoiser, path) -> None:
                           f"{str(err).splitlines()[0]}") from None
 
 
-def _sub_cfg(cfg: DictConfig, name: str, **changes) -> DictConfig:
-    sub = cfg.copy()
-    with open_dict(sub):
-        sub.output_dir = str(Path(cfg.output_dir) / name)
-        sub.name = f"{cfg.name}/{name}"
-        for key, value in changes.items():
-            OmegaConf.update(sub, key, value, merge=False)
-    return sub
-
-
 def train_clean_classifier(cfg: DictConfig) -> str:
     """Train ``model`` on clean images (cross-entropy, no noise) into ``classifier/``; returns its last.ckpt.
     Reuses the project's training stage, so the folder resumes and skips like any other (the noise level it
@@ -159,7 +150,7 @@ def train_clean_classifier(cfg: DictConfig) -> str:
     # Only what decides the classifier is kept, so that runs at other levels, with other denoisers or other
     # certification settings find this folder finished and reuse it.
     certify_defaults = OmegaConf.load(Path(CONFIG_DIR) / "certify" / "default.yaml")
-    sub = _sub_cfg(cfg, "classifier", stage="pretrain", noise={"kind": "constant", "sigma": 0.25},
+    sub = stage_settings(cfg, "classifier", stage="pretrain", noise={"kind": "constant", "sigma": 0.25},
                    objective={"_target_": "ssmooth.lit.denoiser.clean_objective", "_partial_": True,
                               "name": "clean"},
                    certify={**OmegaConf.to_container(certify_defaults), "enabled": False})
@@ -237,7 +228,6 @@ def fit_denoiser(cfg: DictConfig, model, options: dict, datamodule, out: Path, m
 def check_denoiser_folder(out: Path, settings: dict) -> None:
     """A denoiser folder resumes or reuses only the training it was started with: its checkpoint is refused,
     naming the differences, when these settings (denoiser, classifier, data, seed) differ from the saved ones."""
-    from ssmooth.cli.common import config_differences
 
     saved_path = out / "training.json"
     if saved_path.is_file():
@@ -259,7 +249,9 @@ def certify_arm(model, points, out: Path, cert_cfg, *, info, sigma: float, grid,
                                 grid=grid, dataset=info.name, meta=meta, device=resolve_device("auto"))
     except RunFolderError as err:
         raise ConfigError(str(err)) from None
-    report_certification(summary, out)
+    from ssmooth.pipeline.train import draw_certified_accuracy
+
+    draw_certified_accuracy(summary, out)
     return summary
 
 
@@ -274,7 +266,6 @@ def _compare_options(cfg: DictConfig) -> dict:
 def train_denoiser(cfg: DictConfig) -> dict | None:
     """The ``denoiser`` stage on the composed config (see the module docstring). Returns the summary of the
     denoised arm (of the direct one with ``denoiser=none``)."""
-    from ssmooth import report
     from ssmooth.build import build_datamodule, load_data
     from ssmooth.pipeline import train_and_certify
     from ssmooth.models.denoisers import DenoisedClassifier, build_denoiser
@@ -326,15 +317,7 @@ def train_denoiser(cfg: DictConfig) -> dict | None:
         (out / "denoised" / "denoiser.json").write_text(json.dumps({**options, **facts}, indent=1))
     if compare["gaussian"]:
         gaussian_model = {k: v for k, v in model_cfg.items() if k != "checkpoint"}
-        summaries["gaussian"] = train_and_certify(_sub_cfg(cfg, "gaussian", stage="pretrain", model=gaussian_model,
+        summaries["gaussian"] = train_and_certify(stage_settings(cfg, "gaussian", stage="pretrain", model=gaussian_model,
                                                            noise={"kind": "constant", "sigma": sigma}))
-    if len(summaries) > 1:
-        report.print_table(report.load_summaries(out), radii=cert_cfg.radii,
-                           title=f"{cfg.name}: certified accuracy (%) at l2 radius r")
     return summaries.get("denoised", summaries.get("direct"))
 
-
-if __name__ == "__main__":  # python -m ssmooth.pipeline.denoiser OVERRIDES: the stage with ssmooth-train's config
-    from ssmooth.cli.common import console_main
-
-    console_main("train", train_denoiser, __doc__)()
