@@ -198,7 +198,8 @@ def import_published(
     constant noise at ``sigma``) plus ``meta["imported"]``: source file, sha256, family, normalization.
     ``normalization``: ``mean_std``, ``mean_only`` or ``none``; None takes the family's own (``default_normalization``).
     Raises ImportMismatch naming the key, shape, arch or family that does not match.
-    """
+
+    Long for its arguments; each published layout's steps read best in order."""
     from ssmooth.data import dataset_info
     from ssmooth.models import create_model
 

@@ -223,7 +223,8 @@ def certify_model(
     Distributed runs: with ``rows_only`` (one part) it writes the per-point rows and stops before the
     allocation, returning ``{"files": [row files]}``; with ``merge_from`` (the part folders) it first merges
     their rows into ``out_dir``, under its lock, so nothing is certified again. ``bar``: extra tqdm settings.
-    """
+
+    Long for what it promises (run folders, parts, interrupts); the body only opens the folder and hands over."""
     check_run(points, base_sigma=base_sigma, grid=grid)
     cfg, sigma0, fp = _settled(model, points, cfg, base_sigma=base_sigma, grid=grid, dataset=dataset,
                                checkpoint_sha256=checkpoint_sha256, selector=selector, experts=experts,
@@ -293,6 +294,8 @@ def _resolved(cfg: CertifyConfig, grid, selector=None, experts=None) -> CertifyC
 
 def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, num_classes, sigma0, grid, dataset,
                     meta, device, rows_only=False, bar=None, selector=None, experts=None) -> dict:
+    """Every requested kind's rows, then their entries and the summary. One piece on purpose: the summary's
+    fields are listed in one place, the order in which a run folder is filled."""
     began = time.perf_counter()
     requested = dataset_indices(points)
     common = dict(n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch_size, num_classes=num_classes,

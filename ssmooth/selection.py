@@ -184,7 +184,8 @@ def select_neighbour_levels(
     the top class at s, -inf otherwise; ties go to the smaller level, and a sample wrong at all three moves down.
     Costs at most 3 * num_samples forward passes per sample (2 * num_samples with a current estimate), against
     len(grid) * num_samples for a full ``select_sigma``.
-    """
+
+    Long for its arguments; the local search step reads best as one piece."""
     levels = _check_grid(grid)
     if levels != sorted(levels):
         raise ValueError(f"grid must be sorted ascending, got {levels}")

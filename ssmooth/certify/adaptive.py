@@ -132,7 +132,8 @@ def certify_adaptive(
     ``indices`` are given, else ``generator``; the pilot is the "selection" stream, the bound's draws the
     "estimation" stream, so a point's pilot is the one fixed-n CERTIFY would draw for it. Inputs (one image
     [C, H, W] too) and refusals as in ``certify``.
-    """
+
+    Long for its arguments and guarantee; the pilot, the sizes and the bound read best in one place."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if n0 < 1 or n < 1:

@@ -298,7 +298,8 @@ def verify_allocation(points, sigma, r, radius, block_size: int = 512, *, answer
     and `d_ij > 0` (see the module docstring: a point cut to r = 0 still owns its centre).
     Independent of the allocator on purpose: NumPy instead of torch, its own Gram filter and error bound,
     distances recomputed from the points.
-    """
+
+    One piece on purpose: the independent check of an allocation, read in one go."""
     x = _as_float_array(points)
     if x.ndim < 1:
         raise AllocationError(f"shape violation: points have shape {x.shape}, expected [T, ...]")

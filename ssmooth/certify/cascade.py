@@ -101,7 +101,9 @@ def certify_cascade(
     pilot shows the point clearly answers at that level, within ``max_radius_loss`` of the radius at n). Noise:
     per-point streams of purposes ``cascade<k>/selection`` and ``cascade<k>/estimation`` with ``seed`` and
     ``indices``, else ``generator``.
-    """
+
+    One piece on purpose: the levels' loop carries the bounds that the lower levels' radii depend on, so the
+    soundness argument can be checked in one place."""
     _check_settings(alpha, p0, n0, n, sampling)
     x, _ = check_call(x, levels, num_classes, levels_name="levels")  # one image [C, H, W]: a batch of one
     levels, models = _ordered(models, levels)

@@ -71,7 +71,9 @@ def sample_counts(
     are the next draws of ``streams[i]``, whatever the chunking) or else from ``generator``.
     ``channels_last`` converts the inputs only: convert the model's weights too
     (``model.to(memory_format=torch.channels_last)``), or the conv kernels stay on the slow path.
-    """
+
+    One piece on purpose: the hot loop of every certificate (noise, forward pass, vote count), kept together so that
+    its batching and streams can be read at once."""
     num_points = x.shape[0]
     nums = [int(num)] * num_points if isinstance(num, (int, np.integer)) else [int(k) for k in num]
     if len(nums) != num_points:

@@ -95,7 +95,9 @@ def certify_inductive(
     every level, or a sequence of experts, one per grid level: expert k certifies at ``grid[k]`` the points
     routed to level k (expert routing; the same certificate, as each expert is just the classifier at its level).
     Inputs (one image [C, H, W] too) and refusals as in ``certify``.
-    """
+
+    Long for its argument list and this statement of the guarantee; the body is the two CERTIFY calls and their
+    union bound, which read best together."""
     x, single = check_call(x, grid, num_classes, levels_name="grid")
     levels = torch.tensor([float(s) for s in grid], dtype=torch.float32)
     _check_settings(alpha, sigma_e, sampling, classifier, len(levels))
