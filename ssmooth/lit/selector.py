@@ -65,7 +65,8 @@ def radius_targets(model: nn.Module, dataset, grid: Sequence[float], *, num_samp
     The draws come from per-image noise streams of their own seed (derived from ``seed``; never the streams
     that certify test points), batched like certification. ``cap`` bounds p_y from above, as CERTIFY can reach
     at most ``alpha ** (1 / n)``; default ``1 - 1 / (2 m)``."""
-    from ssmooth.certify.streams import NoiseStream, point_seed
+    from ssmooth.certify.core import _device_of
+    from ssmooth.certify.streams import point_seed, point_streams
     from ssmooth.selection import sigma_scores
 
     target_seed = point_seed(seed, -2, "selector")  # a run seed of its own for training targets
@@ -73,14 +74,14 @@ def radius_targets(model: nn.Module, dataset, grid: Sequence[float], *, num_samp
     hi = cap if cap is not None else 1 - 1 / (2 * m)
     clip = (1 / (2 * m), max(hi, 1 - 1 / (2 * m)))
     step = points_per_call or max(1, batch_size // m)
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = _device_of(model)
     out = []
     for start in range(0, len(dataset), step):
         items = [dataset[i] for i in range(start, min(start + step, len(dataset)))]
         x = torch.stack([item[0] for item in items]).to(device)
         labels = torch.stack([torch.as_tensor(item[1]) for item in items]).to(device)
-        streams = [NoiseStream(point_seed(target_seed, int(item[2]), "level"), x.shape[1:], k * m, device=device)
-                   for item in items]
+        streams = point_streams(target_seed, [int(item[2]) for item in items], "level", x.shape[1:], k * m,
+                                device=device)
         scores = sigma_scores(model, x, grid, m, labels, batch_size=batch_size, clip=clip, streams=streams)
         out.append(scores.clamp(min=0).cpu())
         if progress is not None:
