@@ -26,14 +26,13 @@ from ssmooth.certify import kinds
 from ssmooth.certify.checks import check_run
 from ssmooth.certify.distributed import (finish_part, merge_parts, merged_wall_time, part_positions, parts_device,
                                          start_part)
-from ssmooth.certify.kinds import CONSTANT_COLUMNS, SAMPLEWISE_ROW_COLUMNS  # noqa: F401 (importers use them here)
+from ssmooth.certify.kinds import ALLOCATION_RULES, CONSTANT_COLUMNS, SAMPLEWISE_ROW_COLUMNS  # noqa: F401
 from ssmooth.certify.results import RowWriter, read_rows, write_summary
 from ssmooth.certify.run import certify_points, dataset_indices
 from ssmooth.certify.runfolder import fingerprint, open_run_folder, points_pixels_sha256, state_dict_sha256
 from ssmooth.certify.stats import require_useful_sample_size
 
 POLICIES = ("constant", "samplewise", "inductive", "routed", "cascade")
-ALLOCATION_RULES = ("fill", "halving", "lp")
 SAMPLING = ("fixed", "adaptive")
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,7 +109,8 @@ class CertifyConfig:
              f"must be null (as trained) or one of {POLICIES}"),
             ("certify.allocation", self.allocation, self.allocation in ALLOCATION_RULES,
              f"must be one of {ALLOCATION_RULES}"),
-            ("certify.sigma", self.sigma, self.sigma is None or 0 < self.sigma < float("inf"), "must be finite and > 0"),
+            ("certify.sigma", self.sigma, self.sigma is None or 0 < self.sigma < float("inf"),
+             "must be finite and > 0"),
             ("certify.p0", self.p0, 0.5 <= self.p0 < 1, "must be in [0.5, 1)"),
             ("certify.selection_samples", self.selection_samples, self.selection_samples >= 1, "must be >= 1"),
             ("certify.selection_cap", self.selection_cap, self.selection_cap in ("certifiable", "draws"),

@@ -6,13 +6,12 @@ import numpy as np
 import torch
 
 from ssmooth.certify.allocation import allocate, verify_allocation
-from ssmooth.certify.kinds.base import SAMPLEWISE_RAW, transductive
+from ssmooth.certify.kinds.base import ALLOCATION_RULES, SAMPLEWISE_RAW, transductive
 from ssmooth.certify.kinds.job import Job
 from ssmooth.certify.results import SAMPLEWISE_COLUMNS, write_rows
 from ssmooth.certify.run import dataset_indices
 
 SAMPLEWISE_ROW_COLUMNS = SAMPLEWISE_COLUMNS + ("samples",)
-ALLOCATION_RULES = ("fill", "halving", "lp")
 
 
 def _raw_path(job: Job):
