@@ -328,6 +328,8 @@ def _certify_locked(model, points, out: Path, cfg: CertifyConfig, fp: dict, *, n
     for k in chosen:
         variants.update(k.entries(job))
     main = f"samplewise_{cfg.allocation}" if cfg.policy == "samplewise" else kinds.MAIN_KIND[cfg.policy]
+    if main not in variants:  # certify.kinds left the policy's own kind out: the first one computed leads
+        main = next(iter(variants))
     # every noisy forward pass of this run: each row file once, and the test-time level selection's draws
     forward_passes = sum(int(job.read(path)["samples"].sum()) for path in files) + job.state.get("extra_passes", 0)
     first = job.read(files[0])

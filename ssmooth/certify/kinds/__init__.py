@@ -8,16 +8,17 @@ entries. Adding a kind is one module here with a class that has ``name``, ``need
 from __future__ import annotations
 
 from ssmooth.certify.kinds.base import (ALLOCATION_RULES, ANY_INPUT, CASCADE, CHOSEN_ON_EVALUATED, CONSTANT,
-                                        CONSTANT_BEST, INDUCTIVE, KINDS, NOT_A_CERTIFICATE, ROUTED,
-                                        SAMPLEWISE_RAW, THIS_TEST_SET, CertificateKind, best_constant,
+                                        CONSTANT_BEST, INDUCTIVE, INDUCTIVE_SET, KINDS, NOT_A_CERTIFICATE, ROUTED,
+                                        ROUTED_SET, SAMPLEWISE_RAW, THIS_TEST_SET, CertificateKind, best_constant,
                                         cascade_details, inductive_details, kind, transductive)
 from ssmooth.certify.kinds.cascade import Cascade
 from ssmooth.certify.kinds.constant import CONSTANT_COLUMNS, Constant, ConstantBest
 from ssmooth.certify.kinds.job import Job
 from ssmooth.certify.kinds.samplewise import SAMPLEWISE_ROW_COLUMNS, Samplewise
-from ssmooth.certify.kinds.selector import Inductive, Routed
+from ssmooth.certify.kinds.selector import Inductive, InductiveSet, Routed, RoutedSet
 
-REGISTRY = {k.name: k for k in (Constant(), ConstantBest(), Samplewise(), Inductive(), Routed(), Cascade())}
+REGISTRY = {k.name: k for k in (Constant(), ConstantBest(), Samplewise(), Inductive(), Routed(), InductiveSet(),
+                                RoutedSet(), Cascade())}
 # The main entry of each policy, and the kinds certified when ``certify.kinds`` is not given: the policy's own
 # certificate, the constant one at the base level and, where there is a grid, the best single level (the honest
 # baseline for any per-sample claim).
@@ -50,6 +51,6 @@ def requested(names, job: Job) -> list:
 
 
 __all__ = ["ALLOCATION_RULES", "ANY_INPUT", "CASCADE", "CHOSEN_ON_EVALUATED", "CONSTANT", "CONSTANT_BEST",
-           "CONSTANT_COLUMNS", "INDUCTIVE", "KINDS", "MAIN_KIND", "NOT_A_CERTIFICATE", "REGISTRY", "ROUTED",
+           "CONSTANT_COLUMNS", "INDUCTIVE", "INDUCTIVE_SET", "KINDS", "MAIN_KIND", "NOT_A_CERTIFICATE", "REGISTRY", "ROUTED", "ROUTED_SET",
            "SAMPLEWISE_RAW", "SAMPLEWISE_ROW_COLUMNS", "THIS_TEST_SET", "CertificateKind", "Job", "best_constant",
            "cascade_details", "default_kinds", "inductive_details", "kind", "requested", "transductive"]

@@ -12,6 +12,8 @@ abstain rate) that carries ``kind``, ``sound`` and ``setting``:
   classifier defined from the whole (unlabelled) set of evaluated points.
 - ``inductive``: a smoothed level selector chooses the level; holds for ANY INPUT, no memory of other inputs.
 - ``routed``: the same selector routes each input to the expert model of its level; holds for ANY INPUT.
+- ``inductive_set`` / ``routed_set``: the same deployed classifiers, certified over every level the selector may
+  pick within the radius (each must give the same class out to its own entry distance); holds for ANY INPUT.
 - ``cascade``: the levels from the largest down, answering at the first confident one; holds for ANY INPUT.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from ssmooth.certify.cascade import CASCADE_COLUMNS
 from ssmooth.certify.inductive import INDUCTIVE_COLUMNS
+from ssmooth.certify.levelset import LEVEL_SET_COLUMNS
 from ssmooth.certify.results import ROW_COLUMNS, SAMPLEWISE_COLUMNS
 from ssmooth.report.metrics import summarize_rows
 
@@ -66,6 +69,14 @@ INDUCTIVE = CertificateKind(
 ROUTED = CertificateKind(
     "routed", True, ANY_INPUT, "smoothed level selector (alpha/2) + the expert of the chosen level (alpha/2)",
     INDUCTIVE_COLUMNS)
+INDUCTIVE_SET = CertificateKind(
+    "inductive_set", True, ANY_INPUT,
+    "smoothed level selector (alpha/2) + the classifier at every level it may pick within the radius (alpha/2)",
+    LEVEL_SET_COLUMNS)
+ROUTED_SET = CertificateKind(
+    "routed_set", True, ANY_INPUT,
+    "smoothed level selector (alpha/2) + the expert of every level it may pick within the radius (alpha/2)",
+    LEVEL_SET_COLUMNS)
 CASCADE = CertificateKind(
     "cascade", True, ANY_INPUT, "levels from the largest down, answer at the first confident one (alpha/K each)",
     CASCADE_COLUMNS)
@@ -80,8 +91,8 @@ def transductive(rule: str) -> CertificateKind:
                            SAMPLEWISE_COLUMNS)
 
 
-KINDS = {k.name: k for k in (CONSTANT, CONSTANT_BEST, SAMPLEWISE_RAW, INDUCTIVE, ROUTED, CASCADE,
-                             *(transductive(rule) for rule in ALLOCATION_RULES))}
+KINDS = {k.name: k for k in (CONSTANT, CONSTANT_BEST, SAMPLEWISE_RAW, INDUCTIVE, ROUTED, INDUCTIVE_SET, ROUTED_SET,
+                             CASCADE, *(transductive(rule) for rule in ALLOCATION_RULES))}
 
 
 def kind(name: str) -> CertificateKind:
@@ -141,4 +152,7 @@ def inductive_details(rows, grid) -> dict:
         "level_histogram": {f"{float(grid[k]):g}": int((chosen == k).sum()) for k in range(len(grid))},
         "mean_radius_selector": float(r_s[certified].mean()) if certified.any() else None,
         "mean_radius_classifier": float(r_c[certified].mean()) if certified.any() else None,
+        # the level-set certificates: how many levels each point needed certified (cost and doubt in one number)
+        **({"mean_certified_levels": float(np.asarray(rows["certified_levels"], float).mean())}
+           if "certified_levels" in rows and len(predict) else {}),
     }
