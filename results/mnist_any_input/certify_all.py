@@ -14,7 +14,7 @@ DATA = os.environ.get("SSMOOTH_DATA", "data")  # a folder with mnist/mnist_train
 
 run, sigma, out, skip, n, *only = sys.argv[1:]
 run, sigma, out, skip, n = Path(run), float(sigma), Path(out), int(skip), int(n)
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 test = load_split("mnist", "test", source="npz", npz_dir=DATA)
 points = test.subset(torch.arange(0, len(test), skip))
 grid = [round(sigma * f, 6) for f in (0.5, 0.75, 1.0, 1.5, 2.0)]
@@ -26,26 +26,36 @@ def ckpt(stage):
 
 samplewise, meta = load_model(ckpt("finetune_samplewise"))
 experts = (grid, [load_model(ckpt(f"expert_s{s:g}"))[0] for s in grid])
-table = load_model(ckpt("selector_table"))[1]["level_selector"] if ckpt("selector_table").is_file() else None
-radius = load_model(ckpt("selector_radius"))[1]["level_selector"]
-smaller = ckpt("selector_radius_se")  # the same selector trained and smoothed at sigma_e = sigma
+
+
+def selector(stage):
+    return load_model(ckpt(stage))[1]["level_selector"]
+
+
 base = dict(n0=100, n=n, alpha=0.001, batch_size=4000, sampling="adaptive", skip=skip, progress=True)
+# In order of what the comparison needs first; each job is one run folder (resumable).
 jobs = {
-    # the sample-wise model: constant at sigma, the transductive certificates, the cascade over its grid
-    "samplewise": (samplewise, dict(kinds=["constant", "samplewise", "cascade"]), {}),
     # the experts: constant at sigma is the constant arm; the best single level; the cascade of experts
-    "experts": (experts[1][2], dict(policy="cascade", kinds=["constant", "constant_best", "cascade"]),
-                {"experts": experts}),
-    "inductive_table": (samplewise, dict(kinds=["inductive"]), {"selector": table}),
-    "inductive_radius": (samplewise, dict(kinds=["inductive"]), {"selector": radius}),
-    "routed_radius": (samplewise, dict(kinds=["routed"]), {"selector": radius, "experts": experts}),
+    "experts": lambda: (experts[1][2], dict(policy="cascade", kinds=["constant", "constant_best", "cascade"]),
+                        {"experts": experts}),
+    # the radius-trained selector smoothed at the largest level, routing to the experts: both certificates
+    "routed_radius": lambda: (samplewise, dict(kinds=["routed", "routed_set"]),
+                              {"selector": selector("selector_radius"), "experts": experts}),
+    # the sample-wise model: its constant certificate at sigma and the transductive certificates
+    "samplewise": lambda: (samplewise, dict(kinds=["constant", "samplewise"]), {}),
+    # the same selector with the sample-wise model at every level
+    "inductive_radius": lambda: (samplewise, dict(kinds=["inductive_set", "inductive"]),
+                                 {"selector": selector("selector_radius")}),
+    # the radius-trained selector smoothed at the base level (the default), routing to the experts
+    "routed_radius_se": lambda: (samplewise, dict(kinds=["routed_set", "routed"]),
+                                 {"selector": selector("selector_radius_se"), "experts": experts}),
+    "samplewise_cascade": lambda: (samplewise, dict(policy="cascade", kinds=["cascade"]), {}),
+    "inductive_table": lambda: (samplewise, dict(kinds=["inductive"]), {"selector": selector("selector_table")}),
 }
-if smaller.is_file():
-    jobs["routed_radius_se"] = (samplewise, dict(kinds=["routed"]),
-                                {"selector": load_model(smaller)[1]["level_selector"], "experts": experts})
-for name, (model, settings, extra) in jobs.items():
+for name, job in jobs.items():
     if only and name not in only:
         continue
+    model, settings, extra = job()
     summary = certify_model(model, points, out / name, CertifyConfig(**base, **settings), num_classes=10,
                             base_sigma=sigma, grid=grid, dataset="mnist", meta={"name": f"mnist s{sigma:g} {name}"},
                             **extra)

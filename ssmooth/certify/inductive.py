@@ -227,18 +227,23 @@ def certify_points_inductive(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress=None,
+    certificate=certify_inductive,
 ) -> None:
-    """``certify_inductive`` on every item ``(x, y, index)`` of ``points`` that ``writer`` (a RowWriter with
-    INDUCTIVE_COLUMNS) has not written yet, one flushed row per point; groups share forward batches as in
-    ``ssmooth.certify.run.certify_points``. Every point draws from its own streams (keyed by ``seed`` and its
-    dataset index), so its row is the same whichever group, rank or shard certifies it, resumed or not."""
+    """``certify_inductive`` (or ``certificate``, a function with its arguments, such as the level-set one) on
+    every item ``(x, y, index)`` of ``points`` that ``writer`` (a RowWriter with INDUCTIVE_COLUMNS, and
+    ``certified_levels`` for the level-set certificate) has not written yet, one flushed row per point; groups
+    share forward batches as in ``ssmooth.certify.run.certify_points``. Every point draws from its own streams
+    (keyed by ``seed`` and its dataset index), so its row is the same whichever group, rank or shard certifies it,
+    resumed or not."""
     def certify_group(x: torch.Tensor, indices: list[int]):
-        cert = certify_inductive(
+        cert = certificate(
             classifier, selector, x, grid, sigma_e, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
             num_classes=num_classes, autocast_dtype=autocast_dtype, channels_last=channels_last, seed=seed,
             indices=indices, sampling=sampling, max_radius_loss=max_radius_loss)
         extra = {"level": [int(v) for v in cert.level], "radius_selector": [float(r) for r in cert.radius_selector],
                  "radius_classifier": [float(r) for r in cert.radius_classifier]}
+        if hasattr(cert, "certified_levels"):
+            extra["certified_levels"] = [int(v) for v in cert.certified_levels]
         return cert.prediction, cert.radius, cert.sigma, cert.samples, extra
 
     certify_in_groups(points, writer, certify_group, points_per_group=points_per_group, device=device,

@@ -42,8 +42,7 @@ from torch import nn
 from ssmooth.certify.adaptive import certify_adaptive
 from ssmooth.certify.checks import check_call, first_of
 from ssmooth.certify.core import ABSTAIN, _device_of, _noise_source, certify, sample_counts
-from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, _check_settings, selector_seed
-from ssmooth.certify.run import certify_in_groups
+from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, _check_settings, certify_points_inductive, selector_seed
 from ssmooth.certify.stats import lower_confidence_bound, max_certifiable_radius, upper_confidence_bound
 
 
@@ -197,23 +196,5 @@ def certify_level_set(
 LEVEL_SET_COLUMNS = (*INDUCTIVE_COLUMNS, "certified_levels")
 
 
-def certify_points_level_set(classifier, points: Sequence, writer, *, selector: nn.Module, grid: Sequence[float],
-                             sigma_e: float, n0: int, n: int, alpha: float, batch_size: int, num_classes: int,
-                             points_per_group: int = 32, seed: int = 0, device: torch.device | str = "cpu",
-                             sampling: str = "fixed", max_radius_loss: float = 0.02,
-                             autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-                             progress=None) -> None:
-    """``certify_level_set`` on every item ``(x, y, index)`` of ``points`` that ``writer`` (a RowWriter with
-    LEVEL_SET_COLUMNS) has not written yet, one flushed row per point, each point from its own streams."""
-    def certify_group(x: torch.Tensor, indices: list[int]):
-        cert = certify_level_set(
-            classifier, selector, x, grid, sigma_e, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
-            num_classes=num_classes, autocast_dtype=autocast_dtype, channels_last=channels_last, seed=seed,
-            indices=indices, sampling=sampling, max_radius_loss=max_radius_loss)
-        extra = {"level": [int(v) for v in cert.level], "radius_selector": [float(r) for r in cert.radius_selector],
-                 "radius_classifier": [float(r) for r in cert.radius_classifier],
-                 "certified_levels": [int(v) for v in cert.certified_levels]}
-        return cert.prediction, cert.radius, cert.sigma, cert.samples, extra
-
-    certify_in_groups(points, writer, certify_group, points_per_group=points_per_group, device=device,
-                      progress=progress)
+# ``certify_level_set`` on every point of a test set, one flushed row per point (as the inductive certificate).
+certify_points_level_set = functools.partial(certify_points_inductive, certificate=certify_level_set)
