@@ -1,5 +1,6 @@
 """Markdown table of the any-input measurement: every kind, certified accuracy at 0/0.5/1/1.5/2, ACR, paired
-difference against constant_best (experts) with its standard error, forward passes and their ratio to constant."""
+difference against constant_best (experts) with its standard error, the largest loss of certified accuracy against
+constant_best at a radius of the grid (percentage points), forward passes and their ratio to constant."""
 import json
 import sys
 from pathlib import Path
@@ -23,14 +24,22 @@ for folder in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()
                 else f"certify_{name}.tsv")
         entries.append((folder.name, name, v, read_rows(folder / rows_file)))
 best = next(rows for f, n, v, rows in entries if n == "constant_best")
-constant_passes = next(v["forward_passes"] for f, n, v, rows in entries if n == "constant" and f == "experts")
-print("| model set | kind | holds for | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR | vs constant_best (SE) | passes | x constant |")
-print("|---|---|---|" + "---:|" * (len(RADII) + 4))
-for folder, name, v, rows in entries:
+
+
+def accuracy(rows):
     correct = (rows["correct"].to_numpy() == 1) & (rows["predict"].to_numpy() != -1)
-    acc = certified_accuracy(rows["radius"].to_numpy(float), correct, RADII)
+    return certified_accuracy(rows["radius"].to_numpy(float), correct, RADII)
+
+
+best_acc = accuracy(best)
+constant_passes = next(v["forward_passes"] for f, n, v, rows in entries if n == "constant" and f == "experts")
+print("| model set | kind | holds for | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR | vs constant_best (SE) | largest loss | passes | x constant |")
+print("|---|---|---|" + "---:|" * (len(RADII) + 5))
+for folder, name, v, rows in entries:
+    acc = accuracy(rows)
+    loss = max(0.0, 100 * max(b - a for a, b in zip(acc, best_acc)))
     d = paired_difference(rows, best)
     holds = "not a certificate" if not v["sound"] else v["setting"]
     print(f"| {folder} | {name} | {holds} | " + " | ".join(f"{100 * a:.0f}" for a in acc)
-          + f" | {v['acr']:.3f} | {d['mean']:+.3f} ({d['se']:.3f}) | {v['forward_passes'] / 1e6:.2f} M | "
+          + f" | {v['acr']:.3f} | {d['mean']:+.3f} ({d['se']:.3f}) | {loss:.0f} | {v['forward_passes'] / 1e6:.2f} M | "
           f"{v['forward_passes'] / constant_passes:.2f} |")
