@@ -180,7 +180,7 @@ def test_the_pipeline_certifies_the_experts_routed_cascade_and_best_level(tmp_pa
     cfg = tiny_settings(tmp_path, "noise.grid_factors=[0.5,1.0,2.0]", "selector.target_samples=4")
     result = run_pipeline(cfg)
     summary = result.summaries["experts_certify"]
-    assert summary["kinds"] == ["constant_best", "routed", "cascade"] and summary["main"] == "routed"
+    assert summary["kinds"] == ["constant_best", "routed", "routed_set", "cascade"] and summary["main"] == "routed"
     variants = summary["variants"]
     assert variants["constant_best"]["experts"] and variants["cascade"]["experts"]
     assert all(variants[k]["sound"] and variants[k]["setting"] == "any input" for k in variants)
@@ -189,6 +189,9 @@ def test_the_pipeline_certifies_the_experts_routed_cascade_and_best_level(tmp_pa
     # The routed rows use the selector's levels and each expert at its own level.
     rows = read_rows(tmp_path / "experts_certify" / "certify.tsv")
     assert set(rows["sigma"]) <= {0.0, 0.125, 0.25, 0.5} and len(rows) == 2
+    # The level-set certificate of the same routing, on the same points, with at least one level certified each.
+    level_set = read_rows(tmp_path / "experts_certify" / "certify_routed_set.tsv")
+    assert list(level_set["idx"]) == list(rows["idx"]) and (level_set["certified_levels"] >= 1).all()
 
 
 def test_the_readme_example_runs_the_pipeline_from_python(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """The experts' certificates, after the experts stage: the selector routes each input to the expert of its level
-(routed), the cascade runs the experts from the largest level down, and the best single level is each expert at
+(routed, and routed_set over every level the selector may pick within the radius), the cascade runs the experts from the largest level down, and the best single level is each expert at
 its own level. Folder ``experts_certify/``, on the same points as the other stages."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ssmooth.build import (ConfigError, build_datamodule, build_model, certifica
                            on_interrupt, plain, resolve_device, test_points)
 
 FOLDER = "experts_certify"
-KINDS = ["constant_best", "routed", "cascade"]
+KINDS = ["constant_best", "routed", "routed_set", "cascade"]
 
 
 def certify_experts(cfg: DictConfig) -> dict | None:
