@@ -7,12 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from ssmooth.build import build_datamodule, build_model, certify_config, compose_settings
+from ssmooth.build import ConfigError, build_datamodule, build_model, certify_config, compose_settings
 from ssmooth.build import test_points as points_of
 from ssmooth.lit.module import load_checkpoint, model_state
 from ssmooth.certify.results import read_rows
 from ssmooth.lit.selector import load_selector
 from ssmooth.pipeline import load_experts, run_pipeline
+from ssmooth.pipeline.run import stage_kinds
 from ssmooth.pipeline.selector import reuse_constant_rows
 
 # One optimizer step per stage, two certified points, few samples.
@@ -204,3 +205,16 @@ def test_the_readme_example_runs_the_pipeline_from_python(tmp_path, capsys):
     exec(code.replace(example, f'"output_dir={tmp_path}", {tiny}'), {})
     assert "sample-wise ACR" in capsys.readouterr().out
     assert (tmp_path / "report.md").is_file() and (tmp_path / "experts.json").is_file()
+
+
+def test_certify_kinds_go_to_the_stages_whose_model_can_certify_them(tmp_path):
+    cfg = tiny_settings(tmp_path / "run", "certify.kinds=[constant,samplewise,inductive_set]")
+    assert stage_kinds(cfg, "pretrain") == {"certify.kinds": ["constant"]}
+    assert stage_kinds(cfg, "finetune_samplewise") == {"certify.kinds": ["constant", "samplewise"]}
+    assert stage_kinds(cfg, "selector") == {"certify.kinds": ["constant", "samplewise", "inductive_set"]}
+    assert stage_kinds(tiny_settings(tmp_path / "run"), "selector") == {}  # none asked for: each stage's default
+    # a kind that no stage certifies is refused before anything is trained or written
+    refused = tiny_settings(tmp_path / "refused", "certify.kinds=[constant,routed]", "pipeline.experts=false")
+    with pytest.raises(ConfigError, match="no stage of this pipeline certifies 'routed'"):
+        run_pipeline(refused)
+    assert not (tmp_path / "refused").exists()

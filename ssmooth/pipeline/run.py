@@ -17,6 +17,15 @@ from ssmooth.pipeline.runfolder import check_run_folder, never_started
 from ssmooth.pipeline.selector import check_selector_settings, train_selector
 from ssmooth.pipeline.train import build_training_job, train_and_certify
 
+# What each stage's model can certify. In a pipeline, certify.kinds names kinds among all of these, and each
+# stage computes the ones its model can (a stage that can certify none of them keeps its own default).
+STAGE_KINDS = {
+    "pretrain": ("constant",),
+    "finetune_constant": ("constant",),
+    "finetune_samplewise": ("constant", "constant_best", "samplewise", "cascade"),
+    "selector": ("constant", "constant_best", "samplewise", "cascade", "inductive", "inductive_set"),
+}
+
 # Called after each stage with its name, its summary (None when it certified nothing) and its folder.
 StageHook = Callable[[str, "dict | None", Path], None]
 
@@ -59,7 +68,8 @@ def run_pipeline(cfg: DictConfig, on_stage: StageHook | None = None,
     done("pretrain", train_and_certify(pretrain_settings(cfg)))
     done("finetune_samplewise", train_and_certify(samplewise_settings(cfg)))
     if cfg.selector.enabled:
-        done("selector", train_selector(stage_settings(cfg, "selector", **{"trainer.max_epochs": cfg.selector.epochs}),
+        done("selector", train_selector(stage_settings(cfg, "selector", **{"trainer.max_epochs": cfg.selector.epochs},
+                                                       **stage_kinds(cfg, "selector")),
                                         out / "finetune_samplewise" / "checkpoints" / "last.ckpt"))
     if cfg.pipeline.constant_arm:
         done("finetune_constant", train_and_certify(constant_settings(cfg, "finetune_constant", cfg.noise.sigma)))
@@ -81,6 +91,7 @@ def check_pipeline(cfg: DictConfig) -> None:
     if cfg.noise.kind != "samplewise":
         raise ConfigError(f"stage=pipeline needs noise=samplewise (the finetuning levels), got noise.kind={cfg.noise.kind}")
     certify_config(cfg.certify)
+    check_pipeline_kinds(cfg)
     if cfg.selector.enabled:
         check_selector_settings(cfg)
     out = Path(cfg.output_dir)
@@ -104,6 +115,29 @@ def check_pipeline(cfg: DictConfig) -> None:
                                   f"{cfg.pipeline.finetune_epochs})") from None
 
 
+def stage_kinds(cfg: DictConfig, stage: str) -> dict:
+    """The ``certify.kinds`` change of one stage: the pipeline's kinds that the stage's model can certify (none
+    asked for: the stage's own default)."""
+    wanted = plain(cfg.certify).get("kinds")
+    if wanted is None:
+        return {}
+    return {"certify.kinds": [k for k in wanted if k in STAGE_KINDS[stage]] or None}
+
+
+def check_pipeline_kinds(cfg: DictConfig) -> None:
+    """ConfigError naming a kind of ``certify.kinds`` that no stage of this pipeline certifies."""
+    from ssmooth.pipeline.routed import KINDS as ROUTED_KINDS
+
+    stages = ["pretrain", "finetune_samplewise"] + (["selector"] if cfg.selector.enabled else [])
+    available = {k for stage in stages for k in STAGE_KINDS[stage]}
+    if cfg.pipeline.get("experts", False) and cfg.selector.enabled:
+        available |= set(ROUTED_KINDS)
+    for name in plain(cfg.certify).get("kinds") or []:
+        if name not in available:
+            raise ConfigError(f"certify.kinds: no stage of this pipeline certifies {name!r}; its stages certify "
+                              f"{sorted(available)}")
+
+
 @contextlib.contextmanager
 def _quiet(logger_name: str) -> Iterator[None]:
     logger = logging.getLogger(logger_name)
@@ -118,18 +152,20 @@ def _quiet(logger_name: str) -> Iterator[None]:
 def pretrain_settings(cfg: DictConfig) -> DictConfig:
     """Stage A: the pipeline's model trained at the constant base level."""
     return stage_settings(cfg, "pretrain", stage="pretrain", noise={"kind": "constant", "sigma": cfg.noise.sigma},
-                          **{"certify.policy": "constant"})
+                          **{"certify.policy": "constant"}, **stage_kinds(cfg, "pretrain"))
 
 
 def samplewise_settings(cfg: DictConfig) -> DictConfig:
     """Stages B-C: the pretrained model finetuned with per-sample levels, certified with per-point levels."""
-    return stage_settings(cfg, "finetune_samplewise", **finetune_changes(cfg), **{"certify.policy": "samplewise"})
+    return stage_settings(cfg, "finetune_samplewise", **finetune_changes(cfg), **{"certify.policy": "samplewise"},
+                          **stage_kinds(cfg, "finetune_samplewise"))
 
 
 def constant_settings(cfg: DictConfig, folder: str, level: float, certify: bool = True) -> DictConfig:
     """The pretrained model finetuned at the constant ``level`` for as long as the sample-wise finetuning."""
     return stage_settings(cfg, folder, **finetune_changes(cfg), noise={"kind": "constant", "sigma": level},
-                          **({"certify.policy": "constant"} if certify else {"certify.enabled": False}))
+                          **({"certify.policy": "constant"} if certify else {"certify.enabled": False}),
+                          **stage_kinds(cfg, "finetune_constant"))
 
 
 def experts_stage(cfg: DictConfig) -> Path:
