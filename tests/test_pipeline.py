@@ -211,7 +211,7 @@ def test_certify_kinds_go_to_the_stages_whose_model_can_certify_them(tmp_path):
     cfg = tiny_settings(tmp_path / "run", "certify.kinds=[constant,samplewise,inductive_set]")
     assert stage_kinds(cfg, "pretrain") == {"certify.kinds": ["constant"]}
     assert stage_kinds(cfg, "finetune_samplewise") == {"certify.kinds": ["constant", "samplewise"]}
-    assert stage_kinds(cfg, "selector") == {"certify.kinds": ["constant", "samplewise", "inductive_set"]}
+    assert stage_kinds(cfg, "selector") == {"certify.kinds": ["constant", "inductive_set"]}
     assert stage_kinds(tiny_settings(tmp_path / "run"), "selector") == {}  # none asked for: each stage's default
     # a kind that no stage certifies is refused before anything is trained or written
     refused = tiny_settings(tmp_path / "refused", "certify.kinds=[constant,routed]", "pipeline.experts=false")

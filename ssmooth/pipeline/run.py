@@ -23,7 +23,7 @@ STAGE_KINDS = {
     "pretrain": ("constant",),
     "finetune_constant": ("constant",),
     "finetune_samplewise": ("constant", "constant_best", "samplewise", "cascade"),
-    "selector": ("constant", "constant_best", "samplewise", "cascade", "inductive", "inductive_set"),
+    "selector": ("constant", "inductive", "inductive_set"),
 }
 
 # Called after each stage with its name, its summary (None when it certified nothing) and its folder.
