@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import binom, norm
+from scipy.stats import beta as beta_dist
 from torch import nn
 
 from ssmooth.certify.inductive import certify_inductive
@@ -131,3 +132,38 @@ def test_the_level_set_kinds_write_their_rows_and_count_every_pass(tmp_path, nam
     assert summary["main"] == name and entry["sound"] and entry["setting"] == "any input"
     assert entry["forward_passes"] == int(rows["samples"].sum()) and entry["mean_certified_levels"] == 1.0
     assert (rows["radius"] == largest(0.5, 400, 0.005)).all()
+
+
+class HalfSpace(nn.Module):
+    """Class 1 iff z[:, coord] > 0: smoothed at any level it answers [x_coord > 0] with exact radius |x_coord|."""
+
+    def __init__(self, coord: int):
+        super().__init__()
+        self.coord = coord
+
+    def forward(self, z):
+        return nn.functional.one_hot((z[:, self.coord] > 0).long(), 2).float()
+
+
+def test_the_deployed_classifier_is_wrong_inside_the_radius_at_most_alpha_over_two_of_the_time():
+    """Two levels, half-space classifiers whose exact radius is |x_0| at every level, and a half-space selector
+    that surely picks each point's level (one certificate per point, at the whole alpha / 2). The votes at that
+    level sit where Clopper-Pearson is tight, so the classifier's certificate fails close to alpha / 2 of the
+    time: a share taken at alpha, or a selector doubt that went unnoticed, shows."""
+    rng = np.random.default_rng(1)
+    grid, alpha, n0, n, num_points = [0.25, 0.5], 0.1, 30, 400, 10_000
+    counts = np.arange(n // 2 + 1, n + 1)
+    bound = beta_dist.ppf(alpha / 2, counts, n - counts + 1)
+    p = rng.choice(bound[bound > 0.65] - 2e-4, num_points)
+    level = rng.integers(0, 2, num_points)
+    label = rng.integers(0, 2, num_points)
+    margin = np.where(label == 1, 1, -1) * np.asarray(grid)[level] * norm.ppf(p)
+    x = torch.tensor(np.stack([margin, np.where(level == 1, 4.0, -4.0)], axis=1), dtype=torch.float64)
+    got = certify_level_set(HalfSpace(0), HalfSpace(1), x, grid, 1.0, n0=n0, n=n, alpha=alpha,
+                            batch_size=1_000_000, num_classes=2, generator=torch.Generator().manual_seed(5),
+                            selector_generator=torch.Generator().manual_seed(6))
+    assert (got.level.numpy() == level).all() and (got.certified_levels.numpy() == 1).all()
+    pred, radius = got.prediction.numpy(), got.radius.numpy()
+    fails = (pred != -1) & ((pred != label) | (radius > np.abs(margin) + 1e-6))
+    assert fails.sum() <= binom.ppf(1 - 1e-6, num_points, alpha / 2)
+    assert fails.mean() > 0.6 * alpha / 2
