@@ -49,6 +49,11 @@ jobs = {
     # the radius-trained selector smoothed at the base level (the default), routing to the experts
     "routed_radius_se": lambda: (samplewise, dict(kinds=["routed_set", "routed"]),
                                  {"selector": selector("selector_radius_se"), "experts": experts}),
+    # the radius-trained selector at the largest level with class-balance weights (1 / share of its best level)
+    "routed_balanced": lambda: (samplewise, dict(kinds=["routed_set", "routed"]),
+                                {"selector": selector("selector_radius_balanced"), "experts": experts}),
+    # the sample-wise model's own best single level (the experts' is the baseline above)
+    "samplewise_best": lambda: (samplewise, dict(kinds=["constant_best"]), {}),
     "samplewise_cascade": lambda: (samplewise, dict(policy="cascade", kinds=["cascade"]), {}),
     "inductive_table": lambda: (samplewise, dict(kinds=["inductive"]), {"selector": selector("selector_table")}),
 }

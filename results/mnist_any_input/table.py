@@ -43,3 +43,16 @@ for folder, name, v, rows in entries:
     print(f"| {folder} | {name} | {holds} | " + " | ".join(f"{100 * a:.0f}" for a in acc)
           + f" | {v['acr']:.3f} | {d['mean']:+.3f} ({d['se']:.3f}) | {loss:.0f} | {v['forward_passes'] / 1e6:.2f} M | "
           f"{v['forward_passes'] / constant_passes:.2f} |")
+
+# What a perfect selector could reach: each point at the expert level that certifies it farthest (rows at the
+# full alpha, levels picked with the labels). Not a certificate; it bounds what routing can gain.
+levels = sorted((root / "experts").glob("certify_expert_s*.tsv")) + [root / "experts" / "certify_constant.tsv"]
+if all(p.is_file() for p in levels):
+    radii = np.stack([np.where((r["correct"].to_numpy() == 1) & (r["predict"].to_numpy() != -1),
+                               r["radius"].to_numpy(float), 0.0) for r in map(read_rows, levels)])
+    best_radii = np.where((best["correct"].to_numpy() == 1) & (best["predict"].to_numpy() != -1),
+                          best["radius"].to_numpy(float), 0.0)
+    gain = radii.max(axis=0) - best_radii
+    print(f"\nper-point best expert level (not a certificate): ACR {radii.max(axis=0).mean():.3f}, "
+          f"{gain.mean():+.3f} ({gain.std(ddof=1) / np.sqrt(len(gain)):.3f}) against constant_best; it differs "
+          f"from the best single level at {int((gain > 1e-9).sum())} of {len(gain)} points")
