@@ -47,7 +47,7 @@ jobs = {
     "inductive_radius": lambda: (samplewise, dict(kinds=["inductive_set", "inductive"]),
                                  {"selector": selector("selector_radius")}),
     # the radius-trained selector smoothed at the base level (the default), routing to the experts
-    "routed_radius_se": lambda: (samplewise, dict(kinds=["routed_set", "routed"]),
+    "routed_radius_se": lambda: (samplewise, dict(kinds=["routed_set"]),
                                  {"selector": selector("selector_radius_se"), "experts": experts}),
     # the radius-trained selector at the largest level with class-balance weights (1 / share of its best level)
     "routed_balanced": lambda: (samplewise, dict(kinds=["routed_set", "routed"]),

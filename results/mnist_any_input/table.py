@@ -23,7 +23,7 @@ for folder in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()
                 name, f"certify_{name.removeprefix('samplewise_')}.tsv" if name.startswith("samplewise_")
                 else f"certify_{name}.tsv")
         entries.append((folder.name, name, v, read_rows(folder / rows_file)))
-best = next(rows for f, n, v, rows in entries if n == "constant_best")
+best_folder, best = next((f, rows) for f, n, v, rows in entries if n == "constant_best")
 
 
 def accuracy(rows):
@@ -32,7 +32,9 @@ def accuracy(rows):
 
 
 best_acc = accuracy(best)
-constant_passes = next(v["forward_passes"] for f, n, v, rows in entries if n == "constant" and f == "experts")
+# the constant certificate the cost is measured against: the experts' (the constant arm), else the first one
+constant_passes = next(v["forward_passes"] for f, n, v, rows in sorted(entries, key=lambda e: e[0] != best_folder)
+                       if n == "constant")
 print("| model set | kind | holds for | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR | vs constant_best (SE) | largest loss | passes | x constant |")
 print("|---|---|---|" + "---:|" * (len(RADII) + 5))
 for folder, name, v, rows in entries:
@@ -46,8 +48,9 @@ for folder, name, v, rows in entries:
 
 # What a perfect selector could reach: each point at the expert level that certifies it farthest (rows at the
 # full alpha, levels picked with the labels). Not a certificate; it bounds what routing can gain.
-levels = sorted((root / "experts").glob("certify_expert_s*.tsv")) + [root / "experts" / "certify_constant.tsv"]
-if all(p.is_file() for p in levels):
+levels = sorted((root / best_folder).glob("certify_expert_s*.tsv")) + sorted(
+    (root / best_folder).glob("certify_constant.tsv"))
+if len(levels) > 1:
     radii = np.stack([np.where((r["correct"].to_numpy() == 1) & (r["predict"].to_numpy() != -1),
                                r["radius"].to_numpy(float), 0.0) for r in map(read_rows, levels)])
     best_radii = np.where((best["correct"].to_numpy() == 1) & (best["predict"].to_numpy() != -1),
