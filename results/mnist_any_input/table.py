@@ -15,13 +15,10 @@ entries = []
 for folder in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()):
     summary = json.loads((folder / "summary.json").read_text())
     for name, v in summary["variants"].items():
-        rows_file = v.get("rows_file")
-        if rows_file is None:
-            main = summary["main"]
-            rows_file = "certify.tsv" if name == main else {
-                "constant": "certify_constant.tsv", "samplewise_raw": "certify_raw.tsv"}.get(
-                name, f"certify_{name.removeprefix('samplewise_')}.tsv" if name.startswith("samplewise_")
-                else f"certify_{name}.tsv")
+        # the kind's own file when it has one, else the run's main file (as ssmooth-report reads them)
+        short = {"constant": "constant", "samplewise_raw": "raw"}.get(name, name.removeprefix("samplewise_"))
+        candidates = [v.get("rows_file"), f"certify_{name}.tsv", f"certify_{short}.tsv", "certify.tsv"]
+        rows_file = next(f for f in candidates if f and (folder / f).is_file())
         entries.append((folder.name, name, v, read_rows(folder / rows_file)))
 best_folder, best = next((f, rows) for f, n, v, rows in entries if n == "constant_best")
 

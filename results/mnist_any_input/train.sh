@@ -14,9 +14,13 @@ for F in 1.0 0.5 0.75 1.5 2.0; do
   ssmooth-train experiment=mnist_gaussian stage=finetune pretrained=$D/pretrain/checkpoints/last.ckpt noise.sigma=$L \
     trainer.max_epochs=1 optim.optimizer.lr=0.001 optim.scheduler=null $COMMON hydra.run.dir=$D/expert_s$L
 done
-# the radius-trained selector smoothed at the base level (the default) and at the largest level; the table one
+# the radius-trained selector smoothed at the base level and at the largest level (the default); the table one;
+# the largest-level one with class-balance weights (certified at sigma 1.0 only in docs/RESULTS.md)
 python $HERE/train_selectors.py $D $S radius selector_radius_se dataset.train_subset=6000 selector.target_samples=64 \
-  trainer.max_epochs=2
+  selector.sigma_e=$S trainer.max_epochs=2
 python $HERE/train_selectors.py $D $S table selector_table dataset.train_subset=6000 trainer.max_epochs=2
 python $HERE/train_selectors.py $D $S radius selector_radius dataset.train_subset=6000 selector.target_samples=64 \
   selector.sigma_e=$(python -c "print(format(round($S*2,6),'g'))") trainer.max_epochs=2
+python $HERE/train_selectors.py $D $S radius selector_radius_balanced dataset.train_subset=6000 \
+  selector.target_samples=64 selector.sigma_e=$(python -c "print(format(round($S*2,6),'g'))") selector.balance=true \
+  trainer.max_epochs=2
