@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from ssmooth.report.metrics import certified_accuracy, paired_difference, read_rows
+from ssmooth.report.metrics import certified_radii, paired_difference, read_rows, summarize_rows
 
 root = Path(sys.argv[1])
 RADII = [0.0, 0.5, 1.0, 1.5, 2.0]
@@ -24,8 +25,7 @@ best_folder, best = next((f, rows) for f, n, v, rows in entries if n == "constan
 
 
 def accuracy(rows):
-    correct = (rows["correct"].to_numpy() == 1) & (rows["predict"].to_numpy() != -1)
-    return certified_accuracy(rows["radius"].to_numpy(float), correct, RADII)
+    return summarize_rows(rows, RADII)["certified_accuracy"]
 
 
 best_acc = accuracy(best)
@@ -48,11 +48,8 @@ for folder, name, v, rows in entries:
 levels = sorted((root / best_folder).glob("certify_expert_s*.tsv")) + sorted(
     (root / best_folder).glob("certify_constant.tsv"))
 if len(levels) > 1:
-    radii = np.stack([np.where((r["correct"].to_numpy() == 1) & (r["predict"].to_numpy() != -1),
-                               r["radius"].to_numpy(float), 0.0) for r in map(read_rows, levels)])
-    best_radii = np.where((best["correct"].to_numpy() == 1) & (best["predict"].to_numpy() != -1),
-                          best["radius"].to_numpy(float), 0.0)
-    gain = radii.max(axis=0) - best_radii
-    print(f"\nper-point best expert level (not a certificate): ACR {radii.max(axis=0).mean():.3f}, "
+    radii = pd.concat([certified_radii(read_rows(p)) for p in levels], axis=1).max(axis=1)
+    gain = (radii - certified_radii(best)).to_numpy()
+    print(f"\nper-point best expert level (not a certificate): ACR {radii.mean():.3f}, "
           f"{gain.mean():+.3f} ({gain.std(ddof=1) / np.sqrt(len(gain)):.3f}) against constant_best; it differs "
           f"from the best single level at {int((gain > 1e-9).sum())} of {len(gain)} points")

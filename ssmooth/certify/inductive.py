@@ -102,7 +102,7 @@ def certify_inductive(
     levels = torch.tensor([float(s) for s in grid], dtype=torch.float32)
     _check_settings(alpha, sigma_e, sampling, classifier, len(levels))
     options = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last)
-    run = certify if sampling == "fixed" else functools.partial(certify_adaptive, max_radius_loss=max_radius_loss)
+    run = certify_runner(sampling, max_radius_loss)
     if indices is not None:
         indices = [int(i) for i in indices]
         seed = 0 if seed is None else int(seed)
@@ -143,6 +143,11 @@ def _check_settings(alpha: float, sigma_e: float, sampling: str, classifier, num
         raise ValueError(f"sampling must be 'fixed' or 'adaptive', got {sampling!r}")
     if not isinstance(classifier, nn.Module) and len(classifier) != num_levels:
         raise ValueError(f"classifier: {len(classifier)} experts for a grid of {num_levels} levels (one per level)")
+
+
+def certify_runner(sampling: str, max_radius_loss: float):
+    """CERTIFY with n samples per point (``fixed``), or with a per-point size (``adaptive``)."""
+    return certify if sampling == "fixed" else functools.partial(certify_adaptive, max_radius_loss=max_radius_loss)
 
 
 def _routes(classifier, level: torch.Tensor, ok: torch.Tensor):

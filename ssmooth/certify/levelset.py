@@ -39,10 +39,10 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from ssmooth.certify.adaptive import certify_adaptive
 from ssmooth.certify.checks import check_call, first_of
-from ssmooth.certify.core import ABSTAIN, _device_of, _noise_source, certify, sample_counts
-from ssmooth.certify.inductive import INDUCTIVE_COLUMNS, _check_settings, certify_points_inductive, selector_seed
+from ssmooth.certify.core import ABSTAIN, _device_of, _noise_source, sample_counts
+from ssmooth.certify.inductive import (INDUCTIVE_COLUMNS, _check_settings, _samples, certify_points_inductive,
+                                      certify_runner, selector_seed)
 from ssmooth.certify.stats import lower_confidence_bound, max_certifiable_radius, upper_confidence_bound
 
 
@@ -136,7 +136,7 @@ def certify_level_set(
     in_u[np.arange(len(top)), top] = True
     share = alpha / 2 / in_u.sum(axis=1)  # alpha / (2 |U|) for every level of U
 
-    run = certify if sampling == "fixed" else functools.partial(certify_adaptive, max_radius_loss=max_radius_loss)
+    run = certify_runner(sampling, max_radius_loss)
     num_points = x.shape[0]
     samples = np.full(num_points, s_n0 + s_n, dtype=np.int64)
     radius = np.zeros(num_points)
@@ -155,7 +155,7 @@ def certify_level_set(
                     else dict(generator=generator)
                 cert = run(experts[k], x[torch.as_tensor(at, device=x.device)], levels[k], n0=n0, n=n,
                            alpha=float(a), num_classes=num_classes, **noise, **options)
-                samples[at] += cert.samples.numpy() if cert.samples is not None else n0 + n
+                samples[at] += _samples(cert, len(at), n0 + n).numpy()
                 counted[at] += 1
                 done[at, k] = True
                 points.append(at)

@@ -129,7 +129,7 @@ def paired_difference(rows, baseline) -> dict:
     Each argument is a DataFrame (or mapping of arrays) with columns ``idx``, ``radius``, ``correct`` and
     optionally ``predict`` (an abstain counts 0). Raises ValueError when they share no point.
     """
-    mine, theirs = _certified_radii(rows), _certified_radii(baseline)
+    mine, theirs = certified_radii(rows), certified_radii(baseline)
     shared = mine.index.intersection(theirs.index)
     if shared.empty:
         raise ValueError("the two certificates share no evaluated point (idx)")
@@ -144,8 +144,9 @@ def paired_difference(rows, baseline) -> dict:
     }
 
 
-def _certified_radii(rows) -> pd.Series:
-    """Per point (indexed by ``idx``, first row of a repeated index): the radius where correct, else 0."""
+def certified_radii(rows) -> pd.Series:
+    """Per point (indexed by ``idx``, first row of a repeated index): the radius where correct, else 0 (an
+    abstain, where ``predict`` is given, counts 0): the terms of ACR."""
     radius, correct = _as_arrays(rows["radius"], rows["correct"])
     if "predict" in rows:
         correct = correct & (np.asarray(rows["predict"]).reshape(-1) != ABSTAIN)
